@@ -1,0 +1,307 @@
+"""Configuration of a dualssl run: a tree of validated dataclasses.
+
+The command line (``--set loss.tau=0.1``), the YAML search space of the study and the MLflow
+parameters all speak the same dotted names, so a value is easy to follow from the command line
+to the loss.
+
+Conventions shared by the whole library:
+
+* Volumes are channel-first tensors ``(C, X, Y, Z)`` (batched: ``(B, C, X, Y, Z)``) in RAS
+  orientation after preprocessing; the last axis ``Z`` is the axial (slice) axis.
+* ``data.spacing`` is the voxel size in mm, ordered like the axes ``(X, Y, Z)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the dotted field and the fix."""
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass
+class DataConfig:
+    """Where the cases are and how they become patches."""
+
+    root: str = ""
+    """Dataset root (MSD or nnU-Net raw layout) or a CSV/JSON list of (image, label, site)."""
+    source_sites: list[str] = field(default_factory=lambda: ["pv_standard"])
+    """Sites used for training and validation; every other site is a test site."""
+    val_fraction: float = 0.25
+    split_seed: int = 0
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    """Target voxel size in mm (X, Y, Z) after resampling."""
+    hu_window: tuple[float, float] = (-100.0, 240.0)
+    """HU range mapped to [0, 1]; values outside are clipped."""
+    patch_size: tuple[int, int, int] = (96, 96, 64)
+    pos_fraction: float = 0.67
+    """Fraction of patches centred on pancreas voxels (the rest on background)."""
+    samples_per_volume: int = 2
+    batch_size: int = 2
+    cache_dir: str = ""
+    """On-disk cache of preprocessed volumes shared by concurrent trials ('' = <root>/.dualssl_cache)."""
+    num_workers: int = 0
+    augment: bool = True
+
+    def validate(self) -> None:
+        _check(len(self.source_sites) >= 1, "data.source_sites", "name at least one source site")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must lie in (0, 1)")
+        _check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing),
+               "data.spacing", "three positive voxel sizes in mm, e.g. 1.5,1.5,2.0")
+        _check(len(self.hu_window) == 2 and self.hu_window[0] < self.hu_window[1],
+               "data.hu_window", "(low, high) with low < high, e.g. -100,240")
+        _check(len(self.patch_size) == 3 and all(int(p) >= 8 and int(p) % 8 == 0 for p in self.patch_size),
+               "data.patch_size", "three sizes, each a multiple of 8 (the encoder downsamples by 8)")
+        _check(0.0 <= self.pos_fraction <= 1.0, "data.pos_fraction", "must lie in [0, 1]")
+        _check(self.samples_per_volume >= 1, "data.samples_per_volume", "must be >= 1")
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """3D residual U-Net with a projection head (contrastive) and a restoration head."""
+
+    in_channels: int = 1
+    num_classes: int = 2
+    """Output channels of the segmentation logits (2 = background/pancreas softmax)."""
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    """Encoder widths; len(widths) == 4 gives a bottleneck at 1/8 resolution."""
+    norm_groups: int = 8
+    last_dilation: int = 2
+    dropout: float = 0.1
+    embed_dim: int = 32
+    """Channels of the L2-normalised projection embeddings on the bottleneck."""
+
+    def validate(self) -> None:
+        _check(self.in_channels >= 1, "model.in_channels", "must be >= 1")
+        _check(self.num_classes >= 2, "model.num_classes", "must be >= 2 (softmax over background + classes)")
+        _check(len(self.widths) == 4, "model.widths", "give four encoder widths, e.g. 8,16,32,64")
+        _check(all(w > 0 and w % self.norm_groups == 0 for w in self.widths), "model.widths",
+               f"every width must be a positive multiple of model.norm_groups={self.norm_groups}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must lie in [0, 1)")
+        _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Total = Dice+CE + lambda_con * L_con + lambda_rec * L_rec."""
+
+    lambda_con: float = 0.1
+    lambda_rec: float = 0.1
+    tau: float = 0.05
+    """Temperature of the supervised NT-Xent."""
+    corruption_ratio: float = 0.5
+    """r: fraction of the uncertainty band's voxels whose appearance is corrupted."""
+    band_mm: float = 4.0
+    """Half-width in mm of the boundary band (dilate minus erode of the label)."""
+    entropy_widen: bool = False
+    """Widen the band with voxels where the current prediction's entropy is high."""
+    entropy_threshold: float = 0.5
+    rec_loss: str = "l1"
+    """'l1' or 'mse' on the corrupted voxels."""
+    ring_kernel: tuple[int, int] = (10, 20)
+    """Range of k (voxels, full resolution) of the k x k x (k-3) dilation giving the negative ring."""
+    min_pos_voxels: int = 10
+    min_neg_voxels: int = 5
+
+    @property
+    def contrastive_on(self) -> bool:
+        return self.lambda_con > 0
+
+    @property
+    def restoration_on(self) -> bool:
+        return self.lambda_rec > 0
+
+    def validate(self) -> None:
+        _check(self.lambda_con >= 0, "loss.lambda_con", "must be >= 0 (0 switches the contrastive branch off)")
+        _check(self.lambda_rec >= 0, "loss.lambda_rec", "must be >= 0 (0 switches the restoration branch off)")
+        _check(self.tau > 0, "loss.tau", "the temperature must be > 0, e.g. 0.05")
+        _check(0.0 <= self.corruption_ratio <= 1.0, "loss.corruption_ratio", "must lie in [0, 1]")
+        _check(self.band_mm > 0, "loss.band_mm", "must be > 0 mm")
+        _check(self.rec_loss in ("l1", "mse"), "loss.rec_loss", "choose 'l1' or 'mse'")
+        _check(len(self.ring_kernel) == 2 and 4 <= self.ring_kernel[0] <= self.ring_kernel[1],
+               "loss.ring_kernel", "(k_min, k_max) with 4 <= k_min <= k_max")
+
+
+@dataclass
+class OptimConfig:
+    """Adam with poly learning-rate decay; AMP on CUDA."""
+
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    epochs: int = 150
+    steps_per_epoch: int = 0
+    """0 = one pass over the training loader per epoch."""
+    amp: str = "auto"
+    """'auto' (bf16 on CUDA if supported, else fp16; off on CPU), 'bf16', 'fp16' or 'off'."""
+    grad_clip: float = 12.0
+    seed: int = 2022
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.poly_power >= 0, "optim.poly_power", "must be >= 0")
+        _check(self.epochs >= 1, "optim.epochs", "must be >= 1")
+        _check(self.steps_per_epoch >= 0, "optim.steps_per_epoch", "must be >= 0 (0 = one loader pass)")
+        _check(self.amp in ("auto", "bf16", "fp16", "off"), "optim.amp", "choose auto, bf16, fp16 or off")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and whole-volume evaluation."""
+
+    val_every: int = 1
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.25
+    tta_flips: bool = False
+    keep_largest: bool = True
+    cheap_metric: str = "val_dice_patch"
+    """Per-epoch metric for early stopping (ASHA): Dice on validation patches."""
+    selection_metric: str = "val_dice"
+    """Metric for choosing the best checkpoint: whole-volume Dice on source validation cases."""
+
+    def validate(self) -> None:
+        _check(self.val_every >= 1, "eval.val_every", "must be >= 1")
+        _check(self.sw_batch_size >= 1, "eval.sw_batch_size", "must be >= 1")
+        _check(0.0 <= self.sw_overlap < 1.0, "eval.sw_overlap", "must lie in [0, 1)")
+
+
+@dataclass
+class Config:
+    """The whole run; every leaf has a dotted name such as ``loss.tau``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    # --- conversions -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (lists for tuples): JSON/YAML and checkpoint safe."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted names -> values, e.g. ``{"loss.tau": 0.05, ...}`` (MLflow params)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    def hash(self) -> str:
+        """Short stable hash of the whole config (an MLflow tag)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any]) -> "Config":
+        """Build from a nested dict; unknown sections or keys are errors naming the field."""
+        cfg = cls()
+        for section, values in (tree or {}).items():
+            if section not in {f.name for f in fields(cls)}:
+                raise ConfigError(f"{section}: unknown config section; known: "
+                                  f"{', '.join(f.name for f in fields(cls))}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping of fields, got {type(values).__name__}")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        """Read a YAML or JSON config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from exc
+        return cls.from_dict(tree or {})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set one leaf by dotted name; strings are parsed to the field's type."""
+        section_name, _, key = dotted.partition(".")
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section) or not key:
+            raise ConfigError(f"{dotted}: unknown config field; use section.field, e.g. loss.tau")
+        names = {f.name: f for f in fields(section)}
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown field; {section_name} has: {', '.join(names)}")
+        hints = typing.get_type_hints(type(section))
+        setattr(section, key, _coerce(hints[key], value, dotted))
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """Apply ``["loss.tau=0.1", ...]`` or ``{"loss.tau": 0.1}``; returns self."""
+        items = overrides.items() if isinstance(overrides, dict) else [_split_kv(o) for o in overrides]
+        for key, value in items:
+            self.set(key, value)
+        return self
+
+
+def _split_kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"{text}: expected key=value, e.g. loss.tau=0.1")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if origin in (tuple, list):
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").replace("[", "")
+                         .replace("]", "").split(",") if v.strip()]
+            args = typing.get_args(hint)
+            elem = args[0] if args else str
+            items = [_coerce(elem, v, name) for v in value]
+            if origin is tuple and args and args[-1] is not Ellipsis and len(items) != len(args):
+                raise ConfigError(f"{name}: expected {len(args)} values, got {len(items)}")
+            return tuple(items) if origin is tuple else items
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from exc
+    return value
