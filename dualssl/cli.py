@@ -42,7 +42,7 @@ def _load_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dualssl.engine import fit
-    from dualssl.engine.callbacks import CheckpointSaver, ConsoleLogger
+    from dualssl.engine.callbacks import CheckpointSaver, ConsoleLogger, RunSummary
 
     cfg = _load_config(args)
     cfg.data.root = str(args.data)
@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     resume = out / "checkpoint_latest.pt" if args.resume else None
-    result = fit(cfg, callbacks=[ConsoleLogger(), CheckpointSaver(out)], resume_from=resume, out_dir=out)
+    result = fit(cfg, callbacks=[ConsoleLogger(), CheckpointSaver(out), RunSummary(out)], resume_from=resume, out_dir=out)
     print(f"best {cfg.eval.selection_metric} = {result.best_metric:.4f} at epoch {result.best_epoch}; "
           f"checkpoint: {out / 'checkpoint_best.pt'}")
     return 0
