@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the dotted field and the fix."""
@@ -234,6 +232,8 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> "Config":
         """Read a YAML or JSON config file."""
+        import yaml  # lazy: the GPU check imports the config on machines without PyYAML
+
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
@@ -244,6 +244,8 @@ class Config:
         return cls.from_dict(tree or {})
 
     def save(self, path: str | Path) -> None:
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def set(self, dotted: str, value: Any) -> None:
