@@ -1,0 +1,124 @@
+"""Export the best trial of a finished study as a model folder, logged and registered in MLflow.
+
+    python studies/export_best.py --study ~/dualssl-studies/dualssl-study
+
+Reads ``study.json`` and ``trials.json`` in the study folder, takes the best trial's best
+checkpoint (the epoch chosen by the selection metric, not the last one), writes
+``STUDY/model`` (safetensors, config, TorchScript, metadata: ``dualssl.export``), logs it to the
+study's parent MLflow run with ``mlflow.pytorch.log_model`` and registers it as
+``dualssl-pancreas`` with the alias ``champion``. ``dualssl predict --model STUDY/model`` or
+``--model models:/dualssl-pancreas@champion`` then segments NIfTI scans with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python studies/export_best.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualssl.config import Config  # noqa: E402
+from dualssl.export import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, export_model, log_model  # noqa: E402
+
+
+def read_study(study_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    study_dir = Path(study_dir)
+    for name in ("study.json", "trials.json"):
+        if not (study_dir / name).is_file():
+            raise FileNotFoundError(f"{study_dir / name}: missing; is {study_dir} the folder of a finished "
+                                    "study (studies/tune.py writes both at its end)?")
+    return json.loads((study_dir / "study.json").read_text()), json.loads((study_dir / "trials.json").read_text())
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in rows if isinstance(r.get("objective"), (int, float)) and math.isfinite(r["objective"])
+              and r.get("best_checkpoint")]
+    if not scored:
+        raise ValueError("no trial of this study has a score and a checkpoint; nothing to export")
+    return max(scored, key=lambda r: r["objective"])
+
+
+def load_trial_checkpoint(path: str, storage: str) -> dict[str, Any]:
+    """The engine state of a Ray Train checkpoint folder on local or shared (s3://, gs://) storage."""
+    from dualssl.engine import load_checkpoint
+    from studies.train_loop import CHECKPOINT_FILE
+
+    if "://" not in storage:
+        return load_checkpoint(Path(path) / CHECKPOINT_FILE)
+    import pyarrow.fs
+    import ray.train
+
+    fs = pyarrow.fs.FileSystem.from_uri(storage)[0]
+    with tempfile.TemporaryDirectory(prefix="dualssl-best-") as tmp:
+        ray.train.Checkpoint(path, filesystem=fs).to_directory(tmp)
+        return load_checkpoint(Path(tmp) / CHECKPOINT_FILE)
+
+
+def validation_dice(model_dir: str | Path, device: str = "cpu") -> float:
+    """Whole-volume Dice of an exported model on its source validation cases, computed by the
+    engine's own ``validate_volumes`` (same split, same predictor, same Dice)."""
+    from dualssl.engine import Trainer
+    from dualssl.export import load_model
+
+    model, cfg = load_model(model_dir, device=device)
+    trainer = Trainer(cfg, device=device)
+    trainer.data = trainer.build_data()
+    trainer.net = model  # validate_volumes wraps .backbone/.seg_head, which SegmentationNet has
+    return trainer.validate_volumes()
+
+
+def export_study(study_dir: str | Path, *, register: bool = True, out: str | Path | None = None) -> dict[str, Any]:
+    """Best trial -> ``STUDY/model`` (+ MLflow model, registered with alias champion). Returns paths/URIs."""
+    import mlflow
+
+    study_dir = Path(study_dir)
+    manifest, rows = read_study(study_dir)
+    best = best_row(rows)
+    state = load_trial_checkpoint(best["best_checkpoint"], manifest["storage"])
+    metadata = {"trial_id": best["trial_id"], "study": manifest["experiment"], "selection": manifest["selection"],
+                "source_sites": manifest["source_sites"], "objective": best["objective"],
+                "reported": best.get("metrics", {}), "params": best.get("params", {}),
+                "checkpoint": best["best_checkpoint"], "mlflow_run_id": best.get("run_id")}
+    model_dir = export_model(state, Path(out) if out else study_dir / "model", metadata=metadata)
+    result: dict[str, Any] = {"model_dir": str(model_dir), "registered_uri": None, "best_trial_id": best["trial_id"],
+                              "config_hash": Config.from_dict(state["config"]).hash()}
+    if register and manifest.get("tracking_uri"):
+        mlflow.set_tracking_uri(manifest["tracking_uri"])
+        with mlflow.start_run(run_id=manifest["parent_run_id"]):
+            logged = log_model(model_dir, registered_name=REGISTERED_MODEL_NAME, alias=CHAMPION_ALIAS)
+        result.update(logged)
+    (study_dir / "export.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="studies/export_best.py", description=__doc__.splitlines()[0])
+    p.add_argument("--study", required=True, type=Path, help="the study folder (holds study.json)")
+    p.add_argument("--out", type=Path, help="model folder (default STUDY/model)")
+    p.add_argument("--no-register", action="store_true", help="write the folder only, no MLflow")
+    p.add_argument("--verify", action="store_true", help="recompute the source validation Dice of the export")
+    args = p.parse_args(argv)
+    try:
+        result = export_study(args.study, register=not args.no_register, out=args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"studies/export_best.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model folder: {result['model_dir']}")
+    if result.get("registered_uri"):
+        print(f"registered:   {result['registered_uri']}")
+    if args.verify:
+        reported = best_row(read_study(args.study)[1])["metrics"]
+        key = next(k for k in reported if k.startswith("best_"))
+        print(f"validation Dice of the export {validation_dice(result['model_dir']):.4f} "
+              f"(reported {reported[key]:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The end of a study: every trial measured across sites, the best one chosen, logged and exported.
+
+Trials that ASHA stopped never reach their own cross-site evaluation (Tune ends their actor), so
+the driver evaluates their best checkpoint here, from the Train run stored under the trial id,
+and adds the numbers to the trial's MLflow run. The trial table (``trials.json``/``trials.csv``)
+and ``study.json`` in the study folder are what ``export_best.py`` reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+
+from studies.crosssite import ACROSS_KEYS, flat_metrics, remote_evaluate
+from studies.trainable import FINAL_KEY, _history, best_checkpoint, objective, split_config, write_artifacts
+from studies.tracking import log_study_summary, log_trial_outcome, trial_runs
+
+
+def write_manifest(study_dir: Path, manifest: dict[str, Any]) -> None:
+    (Path(study_dir) / "study.json").write_text(json.dumps(manifest, indent=1, default=str))
+
+
+def _storage_fs(uri: str):
+    import pyarrow.fs
+
+    if "://" not in uri:
+        return None
+    return pyarrow.fs.FileSystem.from_uri(uri)[0]
+
+
+def _cross(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if (k.startswith("site/") or k in ACROSS_KEYS) and isinstance(v, (int, float))}
+
+
+def _searched(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    names = manifest.get("searched") or [k for k in config if k.startswith("loss.")]
+    return {k: config[k] for k in names if k in config}
+
+
+def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict[str, Any]:
+    """One line of the trial table; evaluates a stopped trial's best checkpoint on unseen sites."""
+    study_dir = Path(manifest["study_dir"])
+    metrics = dict(result.metrics or {})
+    trial_id = str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
+    cfg, settings = split_config(result.config)
+    selection_metric = cfg.eval.selection_metric
+    folder = study_dir / "trials" / trial_id
+    row: dict[str, Any] = {"trial_id": trial_id, "run_id": run_ids.get(trial_id),
+                           "params": _searched(result.config, manifest), "config_hash": cfg.hash()}
+    if metrics.get(FINAL_KEY):
+        row["status"] = "completed"
+        result.checkpoint.to_directory(str(folder))
+        info = json.loads((folder / "trial.json").read_text())
+        best_val = float(metrics[f"best_{selection_metric}"])
+        best_epoch = int(metrics["best_epoch"])
+        cross = _cross(metrics)
+        if row["run_id"]:
+            log_trial_outcome(manifest["tracking_uri"], row["run_id"], {}, folder, 0)
+    else:
+        row["status"] = "error" if result.error else "stopped early (ASHA)"
+        run_path = f"{settings.train_storage}/train_{trial_id}"
+        try:
+            train_result = ray.train.Result.from_path(run_path, storage_filesystem=_storage_fs(run_path))
+            best, best_metrics = best_checkpoint(train_result)
+        except (RuntimeError, FileNotFoundError) as exc:
+            row.update(status=f"error: {exc}", objective=float("nan"), metrics={})
+            return row
+        outcome = remote_evaluate(best, settings.cpus_per_worker, settings.gpus_per_worker)
+        cross = flat_metrics(outcome["summary"])
+        best_val = float(best_metrics.get(selection_metric, float("nan")))
+        best_epoch = int(best_metrics.get("epoch", -1))
+        info = {"trial_id": trial_id, "best_checkpoint": best.path, "train_run": run_path,
+                "worst_site": outcome["summary"].get("across_sites", {}).get("worst_site"),
+                "selection": settings.selection, "evaluated_by": "driver (trial stopped before its own evaluation)"}
+        write_artifacts(folder, cfg, _history(train_result.checkpoint), outcome["files"], info)
+        if row["run_id"]:
+            log_trial_outcome(manifest["tracking_uri"], row["run_id"],
+                              {**cross, f"best_{selection_metric}": best_val, "best_epoch": best_epoch,
+                               "objective": objective(settings.selection, best_val, cross)},
+                              folder, int(metrics.get("epochs_done", 0)), tags={"status": row["status"]})
+    row.update(best_checkpoint=info["best_checkpoint"], worst_site=info.get("worst_site"),
+               best_epoch=best_epoch, epochs_done=int(metrics.get("epochs_done", 0)),
+               objective=objective(settings.selection, best_val, cross),
+               metrics={f"best_{selection_metric}": best_val, **cross}, artifacts=str(folder))
+    return row
+
+
+def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    scored = [r for r in rows if isinstance(r.get("objective"), float) and math.isfinite(r["objective"])]
+    return max(scored, key=lambda r: r["objective"]) if scored else None
+
+
+def write_table(study_dir: Path, rows: list[dict[str, Any]]) -> None:
+    (study_dir / "trials.json").write_text(json.dumps(rows, indent=1, default=str))
+    flat = [{**{k: v for k, v in r.items() if not isinstance(v, dict)},
+             **{f"param.{k}": v for k, v in r.get("params", {}).items()}, **r.get("metrics", {})} for r in rows]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    with open(study_dir / "trials.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def format_report(rows: list[dict[str, Any]], best: dict[str, Any] | None, selection: str) -> str:
+    lines = [f"{'trial':>12s} {'status':>22s} {'objective':>9s}  params"]
+    for r in sorted(rows, key=lambda r: -r["objective"] if math.isfinite(r.get("objective", math.nan)) else 1):
+        params = " ".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in r["params"].items() if isinstance(v, float))
+        lines.append(f"{r['trial_id']:>12s} {r['status'][:22]:>22s} {r.get('objective', math.nan):9.4f}  {params}")
+    if best is None:
+        return "\n".join(lines + ["no trial produced a score"])
+    m = best["metrics"]
+    sites = sorted({k.split("/")[1] for k in m if k.startswith("site/")})
+    lines += ["", f"best trial {best['trial_id']} (selection: {selection}), epoch {best['best_epoch']}: "
+                  f"source val Dice {next(v for k, v in m.items() if k.startswith('best_')):.4f}",
+              f"{'unseen site':>16s} {'n':>3s} {'Dice':>15s} {'HD95 mm':>15s} {'ASD mm':>15s}"]
+    for site in sites:
+        g = lambda key: m.get(f"site/{site}/{key}", math.nan)  # noqa: E731
+        lines.append(f"{site:>16s} {int(g('n')) if math.isfinite(g('n')) else 0:3d} "
+                     f"{g('dice_mean'):7.4f}+-{g('dice_std'):6.4f} {g('hd95_mean'):7.2f}+-{g('hd95_std'):6.2f} "
+                     f"{g('asd_mean'):7.2f}+-{g('asd_std'):6.2f}")
+    lines.append(f"mean unseen Dice {m.get('mean_unseen_dice', math.nan):.4f}, worst site {best.get('worst_site')} "
+                 f"{m.get('worst_site_dice', math.nan):.4f}, std across sites {m.get('std_across_sites', math.nan):.4f}, "
+                 f"stability (std of per-case Dice) {m.get('stability', math.nan):.4f}")
+    return "\n".join(lines)
+
+
+def finish_study(grid, manifest: dict[str, Any], export: bool = True) -> dict[str, Any]:
+    """Fill in every trial, rank them, log the parent summary and export the best model."""
+    study_dir = Path(manifest["study_dir"])
+    run_ids = trial_runs(manifest["tracking_uri"], manifest["parent_run_id"])
+    rows = [trial_row(result, manifest, run_ids) for result in grid]
+    best = pick_best(rows)
+    write_table(study_dir, rows)
+    log_study_summary(manifest["tracking_uri"], manifest["parent_run_id"], rows, best, study_dir)
+    summary: dict[str, Any] = {"rows": rows, "best_trial_id": best["trial_id"] if best else None,
+                               "tracking_uri": manifest["tracking_uri"], "study_dir": str(study_dir),
+                               "report": format_report(rows, best, manifest["selection"])}
+    if best is not None and export:
+        from studies.export_best import export_study
+
+        summary.update(export_study(study_dir))
+    return summary
+

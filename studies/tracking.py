@@ -1,0 +1,168 @@
+"""MLflow for the study: one parent run, one nested run per trial, all written by the driver.
+
+Logging from the Train workers (``setup_mlflow``) would open a new run each time a worker group
+restarts; here every MLflow call happens on the driver side: :class:`TrialRuns` (a Tune
+``MLflowLoggerCallback``) opens each trial's run under the parent (tag ``mlflow.parentRunId``),
+named by the trial id, logs its config as parameters and every result as metrics; the study's
+end fills in what only the driver knows (cross-site numbers of stopped trials, artifacts, the
+parent's summary and the exported model).
+
+MLflow 3 stores runs in a database by default; the default tracking URI of a study is a sqlite
+file in the study folder (``sqlite:////abs/study/mlflow.db``), and clusters use a server
+(``cluster/mlflow.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def git_revision(repo: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=repo or Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _chunks(items: list, size: int = 100):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for chunk in _chunks(items):
+        client.log_batch(run_id, params=chunk)
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    """Numbers only (NaN kept, strings and nested config dropped), in batches."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("config/")]
+    for chunk in _chunks(items, 500):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def start_parent_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
+                     params: dict[str, Any], run_id: str | None = None) -> str:
+    """Create (or reopen, with ``run_id``) the study's parent run; returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.set_experiment(experiment)
+    client = mlflow.MlflowClient(tracking_uri)
+    if run_id is None:
+        run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
+        log_params(client, run_id, params)
+    return run_id
+
+
+def trial_runs(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
+    """``{trial_id: run_id}`` of the trial runs nested under ``parent_run_id``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=5000)
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+
+
+class TrialRuns(MLflowLoggerCallback):
+    """``MLflowLoggerCallback`` with one run per trial id under the study's parent run.
+
+    Adds the trial's own tags (trial id, config hash), reuses a trial's run when the study resumes,
+    logs in batches and keeps the step = epoch (``timesteps_total`` in the results).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict[str, str]):
+        super().__init__(tracking_uri, experiment_name=experiment_name,
+                         tags={**tags, PARENT_TAG: parent_run_id})
+        self.parent_run_id = parent_run_id
+
+    def log_trial_start(self, trial) -> None:
+        from studies.trainable import split_config
+
+        client = self.mlflow_util._get_client()
+        if trial not in self._trial_runs:
+            existing = trial_runs(self.tracking_uri, self.parent_run_id).get(trial.trial_id)
+            if existing is None:
+                cfg, settings = split_config(trial.config)
+                tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id,
+                        "config_hash": cfg.hash(), "seed": str(cfg.optim.seed),
+                        "source_site": ",".join(cfg.data.source_sites), "selection": settings.selection}
+                existing = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
+            self._trial_runs[trial] = existing
+        log_params(client, self._trial_runs[trial], dict(trial.config))
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        step = int(result.get("timesteps_total") or result.get("training_iteration") or iteration)
+        log_metrics(self.mlflow_util._get_client(), self._trial_runs[trial], _flatten(result), step)
+
+
+def _flatten(result: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def log_trial_outcome(tracking_uri: str, run_id: str, metrics: dict[str, float], artifacts: Path | None,
+                      step: int, tags: dict[str, str] | None = None) -> None:
+    """What the driver adds to a trial's run after the study (metrics, artifacts, tags)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if metrics:
+        log_metrics(client, run_id, metrics, step)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
+    if artifacts is not None and Path(artifacts).is_dir():
+        client.log_artifacts(run_id, str(artifacts), artifact_path="trial")
+
+
+def log_study_summary(tracking_uri: str, parent_run_id: str, rows: list[dict[str, Any]],
+                      best: dict[str, Any] | None, study_dir: Path) -> None:
+    """Parent run: best trial (tag, parameters, metrics) and the table of all trials."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    table_path = study_dir / "trials.csv"
+    if table_path.is_file():
+        client.log_artifact(parent_run_id, str(table_path))
+    with mlflow.start_run(run_id=parent_run_id):
+        columns = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))})
+        mlflow.log_table({c: [_cell(r.get(c)) for r in rows] for c in columns}, artifact_file="trials_table.json")
+    if best is None:
+        return
+    client.set_tag(parent_run_id, "best_trial_id", best["trial_id"])
+    if best.get("run_id"):
+        client.set_tag(parent_run_id, "best_trial_run_id", best["run_id"])
+    log_params(client, parent_run_id, {f"best.{k}": v for k, v in best.get("params", {}).items()})
+    log_metrics(client, parent_run_id, {f"best/{k}": v for k, v in best.get("metrics", {}).items()})
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -1,0 +1,130 @@
+"""The per-worker training loop of Ray Train: ``dualssl.engine.fit`` under DDP.
+
+Every worker runs :func:`train_loop_per_worker`. The engine stays Ray-free; this module only
+overrides two of its steps and adds one callback:
+
+* ``RayTrainer.wrap_model`` -> ``ray.train.torch.prepare_model`` (DDP; NCCL on CUDA, gloo on CPU,
+  chosen by ``TorchConfig`` in ``trainable.py``);
+* ``RayTrainer.wrap_loader`` -> ``ray.train.torch.prepare_data_loader`` (DistributedSampler);
+* ``RayReport.on_epoch_end`` -> ``ray.train.report`` on every rank (it is a barrier), with the
+  checkpoint attached by rank 0 only.
+
+A restarted worker group (``FailureConfig``) resumes from ``ray.train.get_checkpoint()``: the
+engine's checkpoint restores model, optimizer, scheduler, scaler, RNG states and history.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from dualssl.config import Config
+from dualssl.engine import Callback, Trainer, fit, load_checkpoint, save_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SCORE_KEY = "ckpt_score"
+"""Checkpoint score: the selection metric where it was measured this epoch, else -1 (never best).
+Ties go to the earlier epoch, as in the engine (a strict ``>`` keeps the first best)."""
+
+
+class RayTrainer(Trainer):
+    """The engine's Trainer with DDP model and loader wrapping from Ray Train."""
+
+    progress = False  # Ray's own reporting replaces the tqdm bar
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        loss = self.cfg.loss
+        # A switched-off branch leaves its head without gradients; DDP must be told so.
+        unused = not (loss.contrastive_on and loss.restoration_on)
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
+
+    def wrap_loader(self, loader):
+        # The engine moves batches itself and calls sampler.set_epoch / reseeds the transform on a
+        # plain DataLoader; Ray's device-moving wrapper would hide those attributes.
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+
+class RayReport(Callback):
+    """Report every epoch's metrics to Ray Train; rank 0 attaches the engine's checkpoint."""
+
+    def __init__(self, resumed_from_epoch: int = 0, fail_at_epoch: int | None = None,
+                 fail_marker: str | None = None):
+        self.resumed_from_epoch = resumed_from_epoch
+        self.fail_at_epoch = fail_at_epoch
+        self.fail_marker = fail_marker
+
+    def metrics(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        selection = trainer.cfg.eval.selection_metric
+        out: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+        out["epoch"] = epoch
+        out["epochs_done"] = epoch + 1
+        out["timesteps_total"] = epoch + 1  # MLflow's step for this row (MLflowLoggerCallback reads it)
+        measured = (epoch + 1) % trainer.cfg.eval.val_every == 0 or epoch == trainer.cfg.optim.epochs - 1
+        value = metrics.get(selection, math.nan)
+        out[SCORE_KEY] = value - 1e-9 * epoch if measured and not math.isnan(value) else -1.0
+        best = trainer.best_metric
+        out["objective"] = best if math.isfinite(best) else 0.0
+        out["best_epoch"] = trainer.best_epoch
+        out["resumed_from_epoch"] = self.resumed_from_epoch
+        out["world_size"] = trainer.world_size
+        return out
+
+    def on_epoch_end(self, trainer, epoch, metrics, state_fn):
+        report = self.metrics(trainer, epoch, metrics)
+        if trainer.is_main_process:
+            with tempfile.TemporaryDirectory(prefix="dualssl-ckpt-") as tmp:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state_fn())
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(report)
+        self._maybe_fail(trainer, epoch)
+
+    def _maybe_fail(self, trainer: Trainer, epoch: int) -> None:
+        """Fault injection for tests: kill this worker process once, after ``fail_at_epoch``."""
+        if self.fail_at_epoch is None or epoch != self.fail_at_epoch or trainer.rank != trainer.world_size - 1:
+            return
+        marker = Path(self.fail_marker or "")
+        if not self.fail_marker or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed after epoch {epoch}\n")
+        os._exit(1)  # a hard death, as a preempted node or OOM-killed process would die
+
+
+def restore_state() -> dict[str, Any] | None:
+    """The engine checkpoint of ``ray.train.get_checkpoint()`` (the latest reported), if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` = {"cfg": Config.to_dict(), "threads", "fail_at_epoch", "fail_marker"}."""
+    # 1. Unpack the config.
+    cfg = Config.from_dict(config["cfg"]).validate()
+    threads = int(config.get("threads", 0))
+    fail_at_epoch = config.get("fail_at_epoch")
+    fail_marker = config.get("fail_marker")
+
+    # 2. One process per reserved CPU: keep torch's intra-op threads to this worker's share.
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    # 3. Resume from the latest checkpoint when Ray Train restarts this worker group.
+    state = restore_state()
+    resumed = int(state["epoch"]) if state else 0
+
+    # 4. Train: the engine's loop, DDP-wrapped, reporting every epoch.
+    report = RayReport(resumed, fail_at_epoch, fail_marker)
+    fit(cfg, callbacks=[report], resume_from=state, trainer_cls=RayTrainer,
+        device=ray.train.torch.get_device())

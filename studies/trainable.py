@@ -1,0 +1,178 @@
+"""One Tune trial: the Ray Train driver for one hyperparameter setting.
+
+Ray Train V2 no longer runs as ``Tuner(trainer)``: a Tune function trainable calls
+``TorchTrainer(...).fit()`` itself, with ``TuneReportCallback`` in the Train ``RunConfig`` so that
+every epoch reaches Tune (ASHA, Optuna, MLflow). The Train run is named after the trial id, so a
+trial that Tune retries finds its own run in storage and resumes from its last checkpoint.
+
+The trial's ``config`` is flat: every ``Config`` leaf under its dotted name (``loss.tau``, ...;
+searched or constant) plus ``study.*`` settings. MLflow logs exactly these as parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray import tune
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from dualssl.config import Config
+from studies.crosssite import flat_metrics, remote_evaluate
+from studies.train_loop import SCORE_KEY, train_loop_per_worker
+
+FINAL_KEY = "final"
+"""1.0 in the last result of a trial that finished training and its cross-site evaluation."""
+
+
+@dataclass
+class TrialSettings:
+    """The ``study.*`` keys of a trial config."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    train_storage: str = ""
+    """Absolute path or URI where the Train runs of this study live (shared storage on clusters)."""
+    selection: str = "source-val"
+    """'source-val' (best source-validation Dice) or 'oracle' (mean Dice on the unseen sites)."""
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+    fail_at_epoch: int = -1
+    """Tests only: kill the last worker once after this epoch (-1: never)."""
+
+
+def split_config(config: dict[str, Any]) -> tuple[Config, TrialSettings]:
+    """Flat trial config -> (validated Config, TrialSettings)."""
+    cfg, settings = Config(), TrialSettings()
+    names = {f.name for f in fields(TrialSettings)}
+    for key, value in config.items():
+        if key.startswith("study."):
+            name = key[len("study."):]
+            if name not in names:
+                raise ValueError(f"{key}: unknown study setting; known: {', '.join(sorted(names))}")
+            setattr(settings, name, type(getattr(settings, name))(value))
+        else:
+            cfg.set(key, value)
+    return cfg.validate(), settings
+
+
+def study_config(cfg: Config, settings: TrialSettings, search: dict[str, Any]) -> dict[str, Any]:
+    """The Tuner's ``param_space``: every config leaf (search domains override) plus ``study.*``."""
+    space: dict[str, Any] = dict(cfg.flat())
+    space.update(search)
+    space.update({f"study.{f.name}": getattr(settings, f.name) for f in fields(TrialSettings)})
+    return space
+
+
+def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+    """The checkpoint of the best epoch by the selection metric (``Result.checkpoint`` is the latest)."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE_KEY, -1.0) >= 0]
+    if not candidates:
+        candidates = list(result.best_checkpoints or [])
+    if not candidates:
+        raise RuntimeError(f"{result.path}: the Train run reported no checkpoint")
+    return max(candidates, key=lambda cm: cm[1].get(SCORE_KEY, -1.0))
+
+
+def _history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
+    from dualssl.engine import load_checkpoint
+    from studies.train_loop import CHECKPOINT_FILE
+
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)["history"]
+
+
+def write_artifacts(folder: Path, cfg: Config, history: list[dict[str, float]],
+                    files: dict[str, bytes], extra: dict[str, Any]) -> Path:
+    """config.yaml, history.json, progress.png and the evaluation files of one trial."""
+    from dualssl.engine.callbacks import plot_progress
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save(folder / "config.yaml")
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()} for h in history]
+    (folder / "history.json").write_text(json.dumps(clean, indent=1))
+    if history:
+        plot_progress(history, folder / "progress.png")
+    for name, blob in files.items():
+        (folder / name).write_bytes(blob)
+    (folder / "trial.json").write_text(json.dumps(extra, indent=1, default=str))
+    return folder
+
+
+def objective(selection: str, best_val: float, cross: dict[str, float]) -> float:
+    """The number Optuna maximises and the study ranks trials by."""
+    if selection == "oracle":
+        return cross.get("mean_unseen_dice", float("nan"))
+    return best_val
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Tune function trainable: train with Ray Train, then measure the best epoch on unseen sites."""
+    # 1. Unpack the config.
+    cfg, settings = split_config(config)
+    trial_id = tune.get_context().get_trial_id()
+    use_gpu = settings.gpus_per_worker > 0
+    resources = {"CPU": settings.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = settings.gpus_per_worker
+
+    # 2. Train: one Ray Train run per trial, named by the trial id so that a retry resumes it.
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(), "threads": max(1, int(settings.cpus_per_worker)),
+            "fail_at_epoch": settings.fail_at_epoch if settings.fail_at_epoch >= 0 else None,
+            "fail_marker": f"{settings.train_storage}/train_{trial_id}/.fault_injected"
+            if settings.fail_at_epoch >= 0 else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"train_{trial_id}",
+            storage_path=settings.train_storage,
+            # controller_failure_limit: an unschedulable worker group fails instead of retrying forever
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures, controller_failure_limit=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints,
+                                                         checkpoint_score_attribute=SCORE_KEY,
+                                                         checkpoint_score_order="max"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+
+    # 3. The best epoch's checkpoint, from the reported metrics (not Result.checkpoint).
+    best, best_metrics = best_checkpoint(result)
+    history = _history(result.checkpoint)
+
+    # 4. Cross-site evaluation of that checkpoint, holding one worker's resources.
+    outcome = remote_evaluate(best, settings.cpus_per_worker, settings.gpus_per_worker)
+    cross = flat_metrics(outcome["summary"])
+    selection_metric = cfg.eval.selection_metric
+    best_val = float(best_metrics.get(selection_metric, float("nan")))
+
+    # 5. Final report: cross-site numbers, the objective and the trial's artifacts.
+    final = {
+        **cross,
+        FINAL_KEY: 1.0,
+        "objective": objective(settings.selection, best_val, cross),
+        f"best_{selection_metric}": best_val,
+        "best_epoch": int(best_metrics.get("epoch", -1)),
+        cfg.eval.cheap_metric: float(history[-1].get(cfg.eval.cheap_metric, 0.0)) if history else 0.0,
+        "epochs_done": int(history[-1]["epoch"]) + 1 if history else 0,
+        "timesteps_total": int(history[-1]["epoch"]) + 1 if history else 0,
+    }
+    info = {"trial_id": trial_id, "best_checkpoint": best.path, "train_run": result.path,
+            "worst_site": outcome["summary"].get("across_sites", {}).get("worst_site"),
+            "selection": settings.selection}
+    with tempfile.TemporaryDirectory(prefix="dualssl-trial-") as tmp:
+        write_artifacts(Path(tmp), cfg, history, outcome["files"], info)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -1,0 +1,268 @@
+"""Hyperparameter study of dualssl on Ray Tune: OptunaSearch (TPE) + ASHA + MLflow, then export.
+
+Run it with no flags for a complete small study on this machine (phantom data, 2-worker DDP per
+trial where the CPUs allow); ``--smoke-test`` for a one-minute version; on a cluster, submit it as a
+Ray job (cluster/README.md)::
+
+    python studies/tune.py
+    python studies/tune.py --smoke-test
+    python studies/tune.py --data /data/Task07 --source-site msd --num-samples 32 \\
+        --max-concurrent-trials 4 --workers-per-trial 2 --gpus-per-worker 1 \\
+        --storage-path /mnt/shared/studies --mlflow-tracking-uri http://mlflow:5000
+
+Steps: 1. parse and validate flags; 2. data (phantom when absent); 3. connect to Ray and check
+resources; 4. MLflow parent run; 5. Tuner.fit; 6. cross-site numbers of trials stopped early;
+7. best trial, summary and export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python studies/tune.py`: make `studies` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualssl.config import Config, ConfigError  # noqa: E402
+from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
+from studies.search_space import DEFAULT_SEARCH_SPACE, load_search_space, make_searcher  # noqa: E402
+
+DEFAULT_STORAGE = Path.home() / "dualssl-studies"
+PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studies/tune.py", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, help="dataset root or list (default: a phantom in the study folder)")
+    p.add_argument("--source-site", default="pv_standard", help="training site(s), comma-separated")
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default 4; smoke 2)")
+    p.add_argument("--max-concurrent-trials", type=int, default=1)
+    p.add_argument("--workers-per-trial", type=int, default=None,
+                   help="DDP workers per trial (default: 2 where the CPUs allow, else 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 6; smoke 2)")
+    p.add_argument("--storage-path", default=str(DEFAULT_STORAGE),
+                   help="absolute path, NFS mount or s3:// URI shared by all nodes")
+    p.add_argument("--study-dir", type=Path, default=None,
+                   help="local folder for the phantom, MLflow sqlite, trial table and model "
+                        "(default: STORAGE/EXPERIMENT when storage is local)")
+    p.add_argument("--experiment-name", default=None, help="default dualssl-study (smoke: dualssl-smoke)")
+    p.add_argument("--mlflow-tracking-uri", default=None, help="default: sqlite file in the study folder")
+    p.add_argument("--selection", choices=["source-val", "oracle"], default="source-val",
+                   help="rank trials by source-validation Dice, or by unseen-site Dice (labelled oracle)")
+    p.add_argument("--search-space", type=Path, default=DEFAULT_SEARCH_SPACE)
+    p.add_argument("--config", type=Path, help="base YAML config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before the first cut")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--resume", action="store_true", help="resume the study in STORAGE/EXPERIMENT")
+    p.add_argument("--smoke-test", action="store_true", help="tiny data, net and epochs")
+    p.add_argument("--no-export", action="store_true", help="skip the export of the best model")
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help="for autoscaling clusters whose nodes are not up yet")
+    p.add_argument("--fail-at-epoch", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fault injection
+    return p
+
+
+def tiny(cfg: Config) -> None:
+    """Settings for CPU demos and tests: narrow net, small coarse patches, few steps."""
+    cfg.with_overrides({"model.widths": (8, 16, 32, 64), "data.patch_size": (32, 32, 16),
+                        "data.spacing": (3.0, 3.0, 4.0), "data.batch_size": 1, "data.samples_per_volume": 1,
+                        "eval.sw_batch_size": 1})
+
+
+def base_config(args: argparse.Namespace) -> Config:
+    cfg = Config.load(args.config) if args.config else Config()
+    if args.config is None:
+        tiny(cfg)  # the CLI default is the CPU demo; pass --config for the full-size network
+        cfg.with_overrides({"optim.steps_per_epoch": 4 if args.smoke_test else 8, "optim.lr": 1e-3})
+    cfg.with_overrides(args.set)
+    cfg.optim.epochs = args.epochs or (2 if args.smoke_test else cfg.optim.epochs if args.config else 6)
+    cfg.data.source_sites = [s for s in args.source_site.split(",") if s]
+    return cfg
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_paths(args: argparse.Namespace) -> tuple[str, Path, str]:
+    """(storage, study_dir, experiment) with storage absolute (a Ray job runs in a copy)."""
+    experiment = args.experiment_name or ("dualssl-smoke" if args.smoke_test else "dualssl-study")
+    storage = args.storage_path
+    if not is_uri(storage):
+        if not os.path.isabs(os.path.expanduser(storage)):
+            raise ConfigError(f"--storage-path {storage}: give an absolute path (a Ray job runs in a copy of "
+                              f"the working dir, so a relative path would point elsewhere), e.g. {DEFAULT_STORAGE}")
+        storage = os.path.expanduser(storage)
+    study_dir = args.study_dir or (Path(storage) / experiment if not is_uri(storage)
+                                   else DEFAULT_STORAGE / experiment)
+    study_dir = Path(study_dir).expanduser().resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    return storage, study_dir, experiment
+
+
+def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
+    if args.data is not None:
+        root = args.data.expanduser().resolve()
+        if not root.exists():
+            raise ConfigError(f"--data {root}: not found; give a dataset root or list, or leave it out "
+                              "for a phantom")
+        return root
+    from dualssl.data.phantom import generate_dataset
+
+    root = study_dir / "phantom"
+    if not (root / "dataset.json").is_file():
+        print(f"[study] generating the phantom dataset in {root}", flush=True)
+        generate_dataset(root, sites=PHANTOM_SITES[:3] if args.smoke_test else PHANTOM_SITES,
+                         cases_per_site=4 if args.smoke_test else 5, seed=0, scale=0.3)
+    return root
+
+
+def connect(address: str | None) -> None:
+    """Join a cluster (RAY_ADDRESS / --address, as inside ``ray job submit``) or start a local one."""
+    import ray
+    from ray import cloudpickle
+
+    import studies
+
+    # Ship this package by value: workers need not find studies/ on their own sys.path.
+    cloudpickle.register_pickle_by_value(studies)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def default_workers(args: argparse.Namespace, cluster_cpus: float) -> int:
+    if args.workers_per_trial is not None:
+        return args.workers_per_trial
+    per_trial = cluster_cpus / max(1, args.max_concurrent_trials)
+    return 2 if per_trial >= 2 * args.cpus_per_worker else 1
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from studies import trainable as trainable_mod
+    from studies.finish import finish_study, write_manifest
+    from studies.tracking import TrialRuns, git_revision, start_parent_run
+
+    started = time.time()
+    # 1. Flags -> config, paths, search space (errors here name the flag or file).
+    storage, study_dir, experiment = resolve_paths(args)
+    cfg = base_config(args)
+    search = load_search_space(args.search_space)
+    num_samples = args.num_samples or (2 if args.smoke_test else 4)
+    tracking_uri = args.mlflow_tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
+
+    # 2. Data: the given dataset, or a phantom generated once into the study folder.
+    cfg.data.root = str(ensure_data(args, study_dir))
+    cfg.validate()
+
+    # 3. Ray, and a resource check that says what to change instead of letting trials wait forever.
+    connect(args.address)
+    cluster = ray.cluster_resources()
+    resources = StudyResources(args.max_concurrent_trials, default_workers(args, cluster.get("CPU", 0)),
+                               args.cpus_per_worker, args.gpus_per_worker)
+    if not args.skip_resource_check:
+        check_resources(resources, cluster, cluster_nodes())
+    settings = trainable_mod.TrialSettings(
+        workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
+        gpus_per_worker=resources.gpus_per_worker, train_storage=f"{storage}/{experiment}/train_runs",
+        selection=args.selection, max_failures=args.max_failures, fail_at_epoch=args.fail_at_epoch)
+    print(f"[study] {experiment}: {num_samples} trials, {resources.max_concurrent_trials} at a time, "
+          f"{resources.workers_per_trial} workers x {resources.worker_bundle()} each; "
+          f"{cfg.optim.epochs} epochs; storage {storage}", flush=True)
+
+    # 4. MLflow: one parent run per study (reopened on --resume); trial runs nest under it.
+    manifest_path = study_dir / "study.json"
+    previous = json.loads(manifest_path.read_text()) if args.resume and manifest_path.is_file() else {}
+    tags = {"source_site": ",".join(cfg.data.source_sites), "seed": str(cfg.optim.seed),
+            "selection": args.selection, "git_revision": git_revision(), "study": experiment}
+    if args.selection == "oracle":
+        tags["oracle"] = "true: trials ranked on the unseen test sites (not a fair model selection)"
+    parent = start_parent_run(tracking_uri, experiment, f"study-{experiment}", {**tags, "role": "study"},
+                              {"num_samples": num_samples, **{f"search.{k}": str(v) for k, v in search.items()},
+                               **asdict(resources)}, run_id=previous.get("parent_run_id"))
+    manifest = {"experiment": experiment, "storage": storage, "study_dir": str(study_dir),
+                "tracking_uri": tracking_uri, "parent_run_id": parent, "selection": args.selection,
+                "selection_metric": cfg.eval.selection_metric, "source_sites": cfg.data.source_sites,
+                "data_root": cfg.data.root, "resources": asdict(resources), "searched": sorted(search)}
+    write_manifest(study_dir, manifest)
+
+    # 5. Tune: seeded TPE over the YAML space, ASHA on the cheap per-epoch validation metric.
+    trainable = tune.with_resources(trainable_mod.train_func, resources.trial_resources())
+    tuner_path = f"{storage}/{experiment}"
+    if args.resume and tune.Tuner.can_restore(tuner_path):
+        tuner = tune.Tuner.restore(tuner_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        grace = args.grace_period or max(1, cfg.optim.epochs // 3)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=trainable_mod.study_config(cfg, settings, search),
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher("objective", "max", args.seed, n_startup_trials=min(10, num_samples // 2 + 1)),
+                # stop_last_trials=False: a trial that reaches the last epoch must live on to its
+                # cross-site evaluation and final report.
+                scheduler=ASHAScheduler(time_attr="epochs_done", metric=cfg.eval.cheap_metric, mode="max",
+                                        max_t=cfg.optim.epochs, grace_period=min(grace, cfg.optim.epochs),
+                                        reduction_factor=2, stop_last_trials=False),
+                num_samples=num_samples, max_concurrent_trials=resources.max_concurrent_trials,
+                trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=1),
+                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags)],
+            ),
+        )
+    grid = tuner.fit()
+
+    # 6-7. Cross-site numbers for trials ASHA stopped, best trial, parent summary, export.
+    summary = finish_study(grid, manifest, export=not args.no_export)
+    summary["wall_time_s"] = time.time() - started
+    manifest.update({"wall_time_s": summary["wall_time_s"], "best_trial_id": summary.get("best_trial_id")})
+    write_manifest(study_dir, manifest)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run_study(args)
+    except (ConfigError, ResourceError) as exc:
+        print(f"studies/tune.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print(summary["report"])
+    print(f"\nMLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    if summary.get("model_dir"):
+        print(f"Exported model: {summary['model_dir']}  ({summary.get('registered_uri') or 'not registered'})")
+        print(f"Segment scans:  dualssl predict --model {summary['model_dir']} SCAN.nii.gz -o OUT")
+    print(f"Study folder:   {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
+    return 0 if summary.get("best_trial_id") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
