@@ -1,0 +1,15 @@
+"""Losses: Dice+CE, structure-guided contrastive, band restoration, and their weighted total."""
+
+from dualssl.losses.composite import DualSSLLoss
+from dualssl.losses.contrastive import StructureContrastiveLoss, SupervisedNTXentLoss
+from dualssl.losses.corruptions import CORRUPTION_TABLE, corrupt_batch, select_voxels
+from dualssl.losses.restoration import corrupt_region, restoration_loss
+from dualssl.losses.sampling import sample_batch, sample_volume
+from dualssl.losses.segmentation import segmentation_loss
+from dualssl.losses.uncertainty import boundary_band, uncertainty_region
+
+__all__ = [
+    "DualSSLLoss", "StructureContrastiveLoss", "SupervisedNTXentLoss", "CORRUPTION_TABLE",
+    "corrupt_batch", "select_voxels", "corrupt_region", "restoration_loss", "sample_batch",
+    "sample_volume", "segmentation_loss", "boundary_band", "uncertainty_region",
+]

@@ -1,0 +1,128 @@
+"""Cost of the dual-SSL branches: time per training step, full model vs both lambdas 0, side by side.
+
+One step = corrupt (when on) + forward + loss + backward + Adam step, on the same synthetic batch
+(a smooth noisy image with a curved, pancreas-like label blob) for both variants. Runs are
+interleaved (ABBA order) after a warm-up, and the medians compared. Goal: ratio <= 1.25 on CPU.
+
+    python benchmarks/step_cost.py                       # widths 8,16,32,64, patch 96x96x64, batch 2
+    python benchmarks/step_cost.py --repeats 9 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from dualssl.config import LossConfig, ModelConfig
+from dualssl.losses import DualSSLLoss
+from dualssl.models import build_model
+
+
+def pancreas_like_batch(batch: int, patch: tuple[int, int, int], spacing: tuple[float, float, float],
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image (B, 1, X, Y, Z) in [0, 1], label (B, 1, X, Y, Z) in {0, 1})``.
+
+    The label is a tube 8-12 mm in radius around a bent centreline (head to tail across the
+    patch, rising a little towards the tail), ~40-60 ml when the patch holds all of it.
+    """
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    sx, sy, sz = patch
+    for _ in range(batch):
+        t = np.linspace(0, 1, 200)
+        bend = rng.uniform(0.15, 0.3)
+        cx = (0.15 + 0.7 * t) * sx
+        cy = (0.5 + bend * np.sin(np.pi * t) - bend / 2 + rng.uniform(-0.05, 0.05)) * sy
+        cz = (0.4 + 0.2 * t) * sz
+        line = np.zeros(patch, bool)
+        line[np.clip(cx.astype(int), 0, sx - 1), np.clip(cy.astype(int), 0, sy - 1),
+             np.clip(cz.astype(int), 0, sz - 1)] = True
+        dist, (ix, _, _) = ndimage.distance_transform_edt(~line, sampling=spacing, return_indices=True)
+        radius = 8.0 + 4.0 * (1 - ix / sx)  # thicker head, thinner tail
+        label = dist <= radius
+        image = ndimage.gaussian_filter(rng.normal(0.45, 0.1, patch), 1.0) + 0.2 * label
+        images.append(np.clip(image, 0, 1))
+        labels.append(label)
+    as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)[:, None].astype(np.float32))  # noqa: E731
+    return as_tensor(images), as_tensor(labels)
+
+
+class Variant:
+    """A model, its optimizer and its loss for one loss configuration."""
+
+    def __init__(self, net: torch.nn.Module, loss_cfg: LossConfig, spacing: tuple[float, float, float]) -> None:
+        self.net = net
+        self.cfg = loss_cfg
+        self.loss = DualSSLLoss(loss_cfg, spacing)
+        self.opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=5e-4)
+
+    def step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+        image_in, mask = self.loss.corrupt(image, label)
+        outputs = self.net(image_in, embeddings=self.cfg.contrastive_on, restoration=self.cfg.restoration_on)
+        parts = self.loss(outputs, label, image, mask)
+        self.opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="8,16,32,64")
+    parser.add_argument("--patch", default="96,96,64")
+    parser.add_argument("--spacing", default="1.5,1.5,2.0")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    patch = tuple(int(v) for v in args.patch.split(","))
+    spacing = tuple(float(v) for v in args.spacing.split(","))
+    image, label = (t.to(device) for t in pancreas_like_batch(args.batch, patch, spacing))  # type: ignore[arg-type]
+    net = build_model(ModelConfig(widths=tuple(int(w) for w in args.widths.split(",")))).to(device)
+    variants = {
+        "plain (lambdas 0)": Variant(net, LossConfig(lambda_con=0.0, lambda_rec=0.0), spacing),
+        "dual-SSL": Variant(copy.deepcopy(net), LossConfig(), spacing),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for name in names:  # warm-up (allocator, kernels, first skeletonize)
+        variants[name].step(image, label)
+    for i in range(args.repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            parts = variants[name].step(image, label)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+        if i == 0:
+            con = variants["dual-SSL"].loss.contrastive.last_counts
+            print(f"dual-SSL parts: {parts if names[-1] == 'dual-SSL' else '(see next)'}; contrastive "
+                  f"samples (pos, neg) = {con}")
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"device {device}, threads {torch.get_num_threads()}, widths {args.widths}, patch {patch}, "
+          f"batch {args.batch}, {args.repeats} interleaved repeats")
+    for name, ts in times.items():
+        print(f"  {name:18s} median {medians[name]:.3f} s/step  (all: {', '.join(f'{t:.3f}' for t in ts)})")
+    ratio = medians["dual-SSL"] / medians["plain (lambdas 0)"]
+    print(f"ratio dual-SSL / plain = {ratio:.3f}  (goal <= 1.25)")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
