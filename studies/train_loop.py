@@ -94,6 +94,9 @@ class RayReport(Callback):
         marker = Path(self.fail_marker or "")
         if not self.fail_marker or marker.exists():
             return
+        # Die only once the controller holds this epoch's checkpoint: the failure under test is a
+        # worker lost between checkpoints, not a report lost in flight.
+        ray.train.get_all_reported_checkpoints()
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"killed after epoch {epoch}\n")
         os._exit(1)  # a hard death, as a preempted node or OOM-killed process would die
