@@ -1,0 +1,184 @@
+"""Metrics per case (against an independent scipy computation), per site, across sites; report writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from dualssl.evaluation.metrics import case_metrics, summarise
+from dualssl.evaluation.report import write_per_case_csv, write_summary_json
+
+
+def scipy_reference(pred: np.ndarray, label: np.ndarray, spacing) -> dict[str, float]:
+    """Independent computation: surfaces = mask minus its 6-neighbour erosion; exact EDT in mm;
+    HD95 = max over the two directions of the 95th percentile of that direction's distances."""
+    sp, sy = pred ^ ndimage.binary_erosion(pred), label ^ ndimage.binary_erosion(label)
+    d_py = ndimage.distance_transform_edt(~sy, sampling=spacing)[sp]
+    d_yp = ndimage.distance_transform_edt(~sp, sampling=spacing)[sy]
+    inter = float((pred & label).sum())
+    return {"dice": 2 * inter / float(pred.sum() + label.sum()),
+            "jaccard": inter / float((pred | label).sum()),
+            "hd95": max(np.percentile(d_py, 95), np.percentile(d_yp, 95)),
+            "asd": float(np.concatenate([d_py, d_yp]).mean())}
+
+
+def shifted(mask: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
+    """Copy of ``mask`` moved by whole voxels (zeros enter at the borders)."""
+    out = np.zeros_like(mask)
+    src = tuple(slice(max(0, -s), n - max(0, s)) for n, s in zip(mask.shape, shift))
+    dst = tuple(slice(max(0, s), n - max(0, -s)) for n, s in zip(mask.shape, shift))
+    out[dst] = mask[src]
+    return out
+
+
+def assert_close_to_reference(got: dict[str, float], ref: dict[str, float]) -> None:
+    assert got["dice"] == pytest.approx(ref["dice"], abs=1e-6)
+    assert got["jaccard"] == pytest.approx(ref["jaccard"], abs=1e-6)
+    assert got["hd95"] == pytest.approx(ref["hd95"], abs=0.1)
+    assert got["asd"] == pytest.approx(ref["asd"], abs=1e-3)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_surface_distances_use_the_spacing_of_each_axis(axis):
+    # A one-voxel-thick plate moved by 2 voxels across its normal: every surface voxel is exactly
+    # 2 * spacing[axis] mm from the other plate, so HD95 and ASD both equal that distance.
+    spacing = (0.7, 0.9, 2.5)
+    label = np.zeros((12, 12, 12), dtype=bool)
+    index: list[slice | int] = [slice(2, 10)] * 3
+    index[axis] = 4
+    label[tuple(index)] = True
+    move = [0, 0, 0]
+    move[axis] = 2
+    pred = shifted(label, tuple(move))
+    m = case_metrics(pred, label, spacing)
+    assert m["dice"] == 0.0 and m["jaccard"] == 0.0
+    assert m["hd95"] == pytest.approx(2 * spacing[axis], abs=1e-5)
+    assert m["asd"] == pytest.approx(2 * spacing[axis], abs=1e-5)
+
+
+def test_case_metrics_match_scipy_on_random_blobs():
+    rng = np.random.default_rng(3)
+    field = ndimage.gaussian_filter(rng.normal(size=(2, 36, 32, 20)), sigma=(0, 3, 3, 2))
+    label, pred = field[0] > 0.02, field[1] > 0.02  # several irregular components each
+    spacing = (0.8, 1.1, 2.0)
+    ref = scipy_reference(pred, label, spacing)
+    for method in ("monai", "edt", "auto"):
+        got = case_metrics(torch.from_numpy(pred[None].astype(np.uint8)), label.astype(np.int16), spacing,
+                           method=method)
+        assert_close_to_reference(got, ref)
+    same = case_metrics(label, label, spacing)
+    assert same == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+
+
+def test_empty_masks_have_the_documented_values():
+    shape, spacing = (10, 12, 8), (0.5, 0.5, 3.0)
+    empty, blob = np.zeros(shape, bool), np.zeros(shape, bool)
+    blob[3:6, 4:8, 2:5] = True
+    diagonal = float(np.linalg.norm(np.multiply(shape, spacing)))
+    assert case_metrics(empty, empty, spacing) == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+    for pred, label in [(empty, blob), (blob, empty)]:
+        m = case_metrics(pred, label, spacing)
+        assert (m["dice"], m["jaccard"]) == (0.0, 0.0)
+        assert m["hd95"] == pytest.approx(diagonal) and m["asd"] == pytest.approx(diagonal)
+
+
+def test_case_metrics_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        case_metrics(np.ones((4, 4, 4)), np.ones((4, 4, 5)), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        case_metrics(np.ones((4, 4, 4)), np.ones((4, 4, 4)), (1, 0, 1))
+    with pytest.raises(ValueError, match="3D mask"):
+        case_metrics(np.ones((4, 4)), np.ones((4, 4)), (1, 1, 1))
+    with pytest.raises(ValueError, match="method"):
+        case_metrics(np.ones((4, 4, 4)), np.ones((4, 4, 4)), (1, 1, 1), method="kdtree")
+
+
+@pytest.mark.realdata
+def test_real_nih_label_against_a_shifted_copy_matches_scipy(shared_data):
+    img = nib.load(shared_data / "real" / "nih_pancreas_ct_0001" / "pancreas.nii.gz")
+    label = np.asanyarray(img.dataobj) != 0
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(img.affine))
+    assert spacing == pytest.approx((0.859375, 0.859375, 1.0), abs=1e-4)
+    coords = np.argwhere(label)
+    lo, hi = coords.min(0) - 6, coords.max(0) + 7  # margin > shift: nothing leaves the box
+    label = label[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    pred = shifted(label, (3, -2, 2))
+    assert pred.sum() == label.sum()
+    got = case_metrics(pred, label, spacing, method="monai")
+    ref = scipy_reference(pred, label, spacing)
+    assert_close_to_reference(got, ref)
+    assert_close_to_reference(case_metrics(pred, label, spacing, method="edt"), ref)
+    assert 0.5 < got["dice"] < 0.95 and got["hd95"] > 2.0  # the shift is visible, not a degenerate case
+
+
+def _rows(rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for site, n in [("src", 3), ("a", 4), ("b", 2), ("c", 5)]:
+        for i in range(n):
+            rows.append({"case_id": f"{site}_{i}", "site": site, "dice": float(rng.uniform(0.3, 0.95)),
+                         "jaccard": float(rng.uniform(0.2, 0.9)), "hd95": float(rng.uniform(1, 30)),
+                         "asd": float(rng.uniform(0.2, 8)), "pred_ml": 1.0})
+    return rows
+
+
+def test_summarise_per_site_and_across_unseen_sites():
+    rows = _rows(np.random.default_rng(7))
+    out = summarise(rows, source_sites=["src"])
+    assert set(out["per_site"]) == {"src", "a", "b", "c"}
+    for site, stats in out["per_site"].items():
+        mine = [r for r in rows if r["site"] == site]
+        dice = np.array([r["dice"] for r in mine])
+        assert stats["n"] == len(mine) and stats["source"] == (site == "src")
+        assert stats["dice_mean"] == pytest.approx(dice.mean())
+        assert stats["dice_std"] == pytest.approx(dice.std())
+        assert stats["dice_median"] == pytest.approx(np.median(dice))
+        assert stats["dice_min"] == pytest.approx(dice.min())
+        assert stats["dice_min_case"] == mine[int(dice.argmin())]["case_id"]
+        for name in ("jaccard", "hd95", "asd"):
+            vals = np.array([r[name] for r in mine])
+            assert stats[f"{name}_mean"] == pytest.approx(vals.mean())
+            assert stats[f"{name}_std"] == pytest.approx(vals.std())
+
+    across = out["across_sites"]
+    unseen = ["a", "b", "c"]
+    means = np.array([np.mean([r["dice"] for r in rows if r["site"] == s]) for s in unseen])
+    assert across["unseen_sites"] == unseen and across["n_sites"] == 3 and across["n_cases"] == 11
+    assert across["dice_mean"] == pytest.approx(means.mean())
+    assert across["dice_std"] == pytest.approx(means.std())
+    assert across["worst_site"] == unseen[int(means.argmin())]
+    assert across["worst_site_dice"] == pytest.approx(means.min())
+    unseen_dice = np.array([r["dice"] for r in rows if r["site"] != "src"])
+    assert across["stability"] == pytest.approx(unseen_dice.std())
+
+
+def test_summarise_without_unseen_sites_and_with_bad_rows():
+    rows = [r for r in _rows(np.random.default_rng(1)) if r["site"] == "src"]
+    across = summarise(rows, source_sites=["src"])["across_sites"]
+    assert across["n_sites"] == 0 and across["dice_mean"] is None and across["worst_site"] is None
+    with pytest.raises(ValueError, match=r"rows\[0\].*hd95"):
+        summarise([{"site": "a", "dice": 1.0, "jaccard": 1.0, "asd": 0.0}], source_sites=[])
+
+
+def test_reports_round_trip(tmp_path):
+    rows = _rows(np.random.default_rng(2))
+    rows[0]["hd95"] = math.nan
+    csv_path = write_per_case_csv(rows, tmp_path / "out" / "per_case.csv")
+    with csv_path.open() as fh:
+        read = list(csv.DictReader(fh))
+    assert list(read[0])[:6] == ["case_id", "site", "dice", "jaccard", "hd95", "asd"]
+    assert "pred_ml" in read[0] and len(read) == len(rows)
+    assert float(read[1]["dice"]) == pytest.approx(rows[1]["dice"])
+
+    summary = summarise(rows, source_sites=["src"])
+    summary["per_site"]["src"]["hd95_mean"] = math.nan
+    text = write_summary_json(summary, tmp_path / "out" / "summary.json").read_text()
+    loaded = json.loads(text)  # strict JSON: NaN became null
+    assert "NaN" not in text and loaded["per_site"]["src"]["hd95_mean"] is None
+    assert loaded["across_sites"]["worst_site"] == summary["across_sites"]["worst_site"]
