@@ -1,0 +1,112 @@
+"""``verify_dataset(root)``: every problem of a dataset at once, each naming its file.
+
+The list itself (layout, JSON syntax, missing files, duplicate ids, sites) is checked by
+:func:`dualssl.data.datalist.read_dataset`; here each case's files are opened: headers first
+(shape, affine, spacing, image/label agreement), then the voxels (readability to the last byte,
+NaN/inf intensities, label values against the declared labels, empty labels). Integer images hold
+no NaN, so only floating-point images are scanned for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from dualssl.data.datalist import DEFAULT_LIST_LABELS, Case, Problem, read_dataset
+from dualssl.data.transforms import pair_mismatch
+
+__all__ = ["Problem", "verify_dataset", "verify_case"]
+
+
+def verify_dataset(root: str | Path, source_sites: Sequence[str] | None = None) -> list[Problem]:
+    """All problems of the dataset at ``root``, list problems first, then per case.
+
+    ``source_sites``, if given, are checked against the dataset's sites.
+    """
+    info, problems = read_dataset(root)
+    present = [c for c in info.cases if Path(c.image).is_file() and Path(c.label).is_file()]
+    for case in present:
+        problems.extend(verify_case(case, info.label_values))
+    if source_sites:
+        known = sorted({c.site for c in info.cases})
+        for site in source_sites:
+            if site not in known:
+                problems.append(Problem(True, str(info.list_file), f"unknown source site {site!r}; known "
+                                        f"sites: {', '.join(known) or '(none)'}"))
+    return problems
+
+
+def verify_case(case: Case, label_values: Sequence[int] = DEFAULT_LIST_LABELS) -> list[Problem]:
+    """Problems of one case's image and label files."""
+    problems: list[Problem] = []
+    image = _open(case.image, "image", problems)
+    label = _open(case.label, "label", problems)
+    if image is not None and label is not None:
+        mismatch = pair_mismatch(image.shape[:3], image.affine, label.shape[:3], label.affine)
+        if mismatch:
+            problems.append(Problem(True, case.label, f"{mismatch} of image {case.image}; resample the label "
+                                    "onto the image grid"))
+    if image is not None:
+        data = _read(image, case.image, problems)
+        if data is not None and np.issubdtype(data.dtype, np.floating):
+            bad = int(np.count_nonzero(~np.isfinite(data)))
+            if bad:
+                problems.append(Problem(True, case.image, f"{bad} NaN or inf intensities; re-export the scan"))
+        del data
+    if label is not None:
+        data = _read(label, case.label, problems)
+        if data is not None:
+            problems.extend(_label_problems(case.label, data, label_values))
+    return problems
+
+
+def _open(path: str, key: str, problems: list[Problem]) -> nib.Nifti1Image | None:
+    """Header only (cheap); None with a problem recorded if unreadable or not one 3D volume."""
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for broken headers
+        problems.append(Problem(True, path, f"unreadable NIfTI {key} ({type(exc).__name__}: {exc}); re-export it"))
+        return None
+    shape = img.shape
+    if len(shape) < 3 or len(shape) > 4 or (len(shape) == 4 and shape[3] != 1):
+        problems.append(Problem(True, path, f"{key} has shape {shape}; expected one 3D volume"))
+        return None
+    zooms = img.header.get_zooms()[:3]
+    if not all(np.isfinite(z) and z > 0 for z in zooms) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+        problems.append(Problem(True, path, f"{key} has invalid voxel spacing {tuple(float(z) for z in zooms)} "
+                                "or a singular affine; fix the header"))
+        return None
+    return img
+
+
+def _read(img: nib.Nifti1Image, path: str, problems: list[Problem]) -> np.ndarray | None:
+    """All voxels (detects truncated/corrupt files); None with a problem recorded on failure."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ...
+        problems.append(Problem(True, path, f"voxel data unreadable, the file is truncated or corrupt "
+                                f"({type(exc).__name__}: {exc}); re-export or re-download it"))
+        return None
+
+
+def _label_problems(path: str, data: np.ndarray, label_values: Sequence[int]) -> list[Problem]:
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+            return [Problem(True, path, "label holds non-integer or NaN values; labels must be integer ids")]
+        data = data.astype(np.int64)
+    if data.size and int(data.min()) >= 0 and int(data.max()) < 2**16:
+        values = np.flatnonzero(np.bincount(data.ravel().astype(np.int64)))  # faster than np.unique
+    else:
+        values = np.unique(data)
+    extra = sorted(set(int(v) for v in values) - set(int(v) for v in label_values))
+    problems = []
+    if extra:
+        problems.append(Problem(True, path, f"label values {extra} are not declared (declared: "
+                                f"{sorted(int(v) for v in label_values)}); fix the label or the list's labels"))
+    if not np.any(data > 0):
+        problems.append(Problem(False, path, "label is empty (no pancreas voxel)"))
+    return problems
+

@@ -1,0 +1,92 @@
+"""verify_dataset reports every problem at once, each naming its file; the CLI exits non-zero on fatal ones."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+from dualssl.cli import main
+from dualssl.data.verify import verify_dataset
+from test_datalist import write_msd
+
+
+def _replace(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, nib.load(path).affine if affine is None else affine), str(path))
+
+
+def test_clean_dataset_has_no_problems_and_cli_exits_zero(tmp_path, capsys):
+    root = write_msd(tmp_path / "msd", {"a": 2})
+    assert verify_dataset(root) == []
+    assert main(["verify-dataset", str(root)]) == 0
+    assert "no problems found" in capsys.readouterr().out
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys):
+    root = write_msd(tmp_path / "msd", {"a": 4, "b": 4})
+    lab = lambda i: root / "labelsTr" / f"pancreas_{i:03d}.nii.gz"  # noqa: E731
+    img = lambda i: root / "imagesTr" / f"pancreas_{i:03d}.nii.gz"  # noqa: E731
+    shape = nib.load(img(0)).shape
+    # 0: label value 3 is not declared (0, 1, 2)
+    data = np.asanyarray(nib.load(lab(0)).dataobj).copy()
+    data[0, 0, 0] = 3
+    _replace(lab(0), data)
+    # 1: label on another grid (shape)
+    _replace(lab(1), np.pad(np.asanyarray(nib.load(lab(1)).dataobj), ((0, 0), (0, 0), (0, 2))))
+    # 2: label shifted by 3 mm (affine)
+    moved = nib.load(img(2)).affine.copy()
+    moved[0, 3] += 3.0
+    _replace(lab(2), np.asanyarray(nib.load(lab(2)).dataobj), moved)
+    # 3: NaN intensities in a float image
+    pixels = np.asanyarray(nib.load(img(3)).dataobj).astype(np.float32)
+    pixels[5, 5, 5] = np.nan
+    _replace(img(3), pixels)
+    # 4: truncated gzip
+    img(4).write_bytes(img(4).read_bytes()[:2000])
+    # 5: empty label (a warning, not fatal)
+    _replace(lab(5), np.zeros(shape, np.uint8))
+    # 6: missing image file
+    img(6).unlink()
+    # 7: not NIfTI at all
+    lab(7).write_bytes(b"this is not a NIfTI file")
+
+    problems = verify_dataset(root, source_sites=["a", "hospital_z"])
+    by_path = {}
+    for p in problems:
+        by_path.setdefault(p.path, []).append(p)
+    expected = {
+        str(lab(0)): (True, "label values [3] are not declared"),
+        str(lab(1)): (True, "label shape"),
+        str(lab(2)): (True, "label affine differs"),
+        str(img(3)): (True, "1 NaN or inf intensities"),
+        str(img(4)): (True, "truncated or corrupt"),
+        str(lab(5)): (False, "label is empty"),
+        str(img(6)): (True, "image file not found"),
+        str(lab(7)): (True, "unreadable NIfTI label"),
+        str(root / "dataset.json"): (True, "unknown source site 'hospital_z'; known sites: a, b"),
+    }
+    assert set(by_path) == set(expected), problems
+    for path, (fatal, text) in expected.items():
+        assert [(p.fatal, text in p.message) for p in by_path[path]] == [(fatal, True)], by_path[path]
+    assert str(by_path[str(lab(5))][0]) == f"WARN {lab(5)}: label is empty (no pancreas voxel)"
+    assert str(by_path[str(img(6))][0]).startswith(f"FATAL {img(6)}: image file not found")
+
+    assert main(["verify-dataset", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"FATAL {lab(1)}: label shape" in out and "8 problem(s), 7 fatal" in out
+
+
+def test_list_level_problems(tmp_path):
+    root = write_msd(tmp_path / "msd", {"a": 2})
+    tree = json.loads((root / "dataset.json").read_text())
+    tree["training"].append(dict(tree["training"][0]))  # the same case twice
+    tree["training"].append({"image": "./imagesTr/pancreas_000.nii.gz"})  # no label
+    (root / "dataset.json").write_text(json.dumps(tree))
+    messages = [str(p) for p in verify_dataset(root)]
+    assert any("training[2]: case id 'pancreas_000' is listed twice" in m for m in messages), messages
+    assert any(m.startswith("FATAL") and "training[3]: expected" in m for m in messages), messages
+    [absent] = verify_dataset(tmp_path / "absent")
+    assert absent.fatal and absent.path == str(tmp_path / "absent") and "dataset root not found" in absent.message
+    (root / "dataset.json").write_text("{not json")
+    assert main(["verify-dataset", str(root)]) == 1
