@@ -218,18 +218,10 @@ def test_build_data_batches_and_fixed_validation_patches(tmp_path):
     assert len(list(cache_dir_for(cfg).glob("*.pt"))) == 4
 
 
-def _phantom_missing() -> bool:
-    try:
-        from dualssl.data.phantom import generate_dataset  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-@pytest.mark.skipif(_phantom_missing(), reason="dualssl.data.phantom.generate_dataset has not landed yet")
 def test_phantom_dataset_goes_through_build_data(phantom_root, tmp_path):
     cfg = cfg_for(phantom_root, source_sites=["pv_standard"], val_fraction=0.25, patch_size=(32, 32, 16),
-                  cache_dir=str(tmp_path / "cache"))
+                  pos_fraction=1.0, cache_dir=str(tmp_path / "cache"))
+    torch.manual_seed(0)
     bundle = build_data(cfg)
     assert set(bundle.split.test) == {"native_thick", "cone_beam"}
     batch = next(iter(bundle.train_loader))
