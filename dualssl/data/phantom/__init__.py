@@ -1,0 +1,15 @@
+"""Procedural multi-site abdominal CT phantom with pancreas labels, written in the MSD layout.
+
+* :func:`generate_dataset` writes ``imagesTr``, ``labelsTr`` and ``dataset.json`` (a ``site`` per case).
+* :func:`render_case` renders one case in memory (image, label, affine, dtype, organ map, info).
+* :data:`SITE_PROFILES` holds the seven scanner/protocol profiles as data (see docs/PHANTOM.md).
+"""
+
+from dualssl.data.phantom.generate import case_id, case_seed, generate_dataset, nifti_bytes
+from dualssl.data.phantom.measure import core_mask, core_medians
+from dualssl.data.phantom.render import PhantomCase, render_case
+from dualssl.data.phantom.sites import SITE_PROFILES, SiteProfile, get_profile
+from dualssl.data.phantom.tissues import Tissue
+
+__all__ = ["PhantomCase", "SITE_PROFILES", "SiteProfile", "Tissue", "case_id", "case_seed", "core_mask",
+           "core_medians", "generate_dataset", "get_profile", "nifti_bytes", "render_case"]
