@@ -110,12 +110,15 @@ class LossConfig:
     entropy_widen: bool = False
     """Widen the band with voxels where the current prediction's entropy is high."""
     entropy_threshold: float = 0.5
+    """Normalised entropy (0..1, entropy / log K) above which a voxel joins the band."""
     rec_loss: str = "l1"
     """'l1' or 'mse' on the corrupted voxels."""
     ring_kernel: tuple[int, int] = (10, 20)
     """Range of k (voxels, full resolution) of the k x k x (k-3) dilation giving the negative ring."""
     min_pos_voxels: int = 10
+    """An axial slice gives a positive when it holds this many pancreas cells on the 1/8 bottleneck grid."""
     min_neg_voxels: int = 5
+    """An axial slice gives a negative when it holds this many ring cells on the 1/8 bottleneck grid."""
 
     @property
     def contrastive_on(self) -> bool:
@@ -134,6 +137,10 @@ class LossConfig:
         _check(self.rec_loss in ("l1", "mse"), "loss.rec_loss", "choose 'l1' or 'mse'")
         _check(len(self.ring_kernel) == 2 and 4 <= self.ring_kernel[0] <= self.ring_kernel[1],
                "loss.ring_kernel", "(k_min, k_max) with 4 <= k_min <= k_max")
+        _check(0.0 <= self.entropy_threshold <= 1.0, "loss.entropy_threshold",
+               "a normalised entropy in [0, 1], e.g. 0.5")
+        _check(self.min_pos_voxels >= 0, "loss.min_pos_voxels", "must be >= 0")
+        _check(self.min_neg_voxels >= 0, "loss.min_neg_voxels", "must be >= 0")
 
 
 @dataclass

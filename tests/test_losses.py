@@ -245,7 +245,8 @@ def test_entropy_widen_needs_probabilities():
 
 @pytest.mark.parametrize("field, value", [("tau", 0.0), ("tau", -0.1), ("corruption_ratio", 1.5),
                                           ("corruption_ratio", -0.1), ("lambda_con", -1.0),
-                                          ("lambda_rec", -0.5)])
+                                          ("lambda_rec", -0.5), ("entropy_threshold", 1.5),
+                                          ("min_pos_voxels", -1)])
 def test_bad_loss_config_names_the_field(field, value):
     cfg = Config().with_overrides({f"loss.{field}": value})
     with pytest.raises(ConfigError, match=f"loss.{field}"):

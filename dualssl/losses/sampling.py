@@ -96,14 +96,14 @@ def sample_volume(mask: np.ndarray, *, ring_kernel: tuple[int, int], min_pos_vox
         return empty, empty
     mask_low = _pool_any(mask)
     k = int(rng.integers(ring_kernel[0], ring_kernel[1] + 1))
-    # Only the label's bounding box grown by k can hold ring voxels: dilate that crop, not the patch.
-    lo = np.maximum(np.argwhere(mask).min(0) - k, 0) // DOWNSAMPLE * DOWNSAMPLE
-    hi = np.minimum(np.argwhere(mask).max(0) + k + 1, mask.shape)
-    hi = np.minimum(-(-hi // DOWNSAMPLE) * DOWNSAMPLE, np.array(mask.shape) // DOWNSAMPLE * DOWNSAMPLE)
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    # Only the label's bounding box grown by k can hold ring voxels: dilate that crop (whole cells), not the patch.
+    where = np.argwhere(mask)
+    full = np.array(mask.shape) // DOWNSAMPLE * DOWNSAMPLE
+    lo = np.maximum(where.min(0) - k, 0) // DOWNSAMPLE * DOWNSAMPLE
+    hi = np.minimum(-(-(where.max(0) + k + 1) // DOWNSAMPLE) * DOWNSAMPLE, full)
     ring_low = np.zeros_like(mask_low)
-    low_crop = tuple(slice(a // DOWNSAMPLE, b // DOWNSAMPLE) for a, b in zip(lo, hi))
-    ring_low[low_crop] = _pool_any(ring_mask(mask[crop], k))
+    ring_low[tuple(slice(a // DOWNSAMPLE, b // DOWNSAMPLE) for a, b in zip(lo, hi))] = _pool_any(
+        ring_mask(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], k))
     ring_low &= ~mask_low
     return (positive_cells(mask_low, min_pos_voxels, rng),
             negative_cells(ring_low, min_neg_voxels, rng))
