@@ -51,7 +51,8 @@ class DataConfig:
     samples_per_volume: int = 2
     batch_size: int = 2
     cache_dir: str = ""
-    """On-disk cache of preprocessed volumes shared by concurrent trials ('' = <root>/.dualssl_cache)."""
+    """On-disk cache of preprocessed volumes shared by concurrent trials ('' = <root>/.dualssl_cache);
+    a subfolder per preprocessing hash. Put it on shared storage on multi-node clusters."""
     num_workers: int = 0
     augment: bool = True
 

@@ -164,7 +164,7 @@ class Trainer:
         loss_cfg = self.cfg.loss
         image = batch["image"].to(self.device, non_blocking=True).float()
         label = batch["label"].to(self.device, non_blocking=True)
-        image_in, corrupt_mask = self.criterion.corrupt(image, label)
+        image_in, corrupt_mask = self.criterion.corrupt(image, label, probs=self.band_probs(image))
         with self.autocast():
             outputs = self.model(image_in, embeddings=loss_cfg.contrastive_on, restoration=loss_cfg.restoration_on)
         outputs = {k: v.float() for k, v in outputs.items() if v is not None}
@@ -177,6 +177,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {("loss" if k == "loss" else f"loss_{k}"): float(v.detach()) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def band_probs(self, image: torch.Tensor) -> torch.Tensor | None:
+        """Softmax of a no-grad forward of the clean batch, only when ``loss.entropy_widen`` asks for it
+        (high-entropy voxels then join the corruption band; costs one extra forward)."""
+        if not (self.cfg.loss.restoration_on and self.cfg.loss.entropy_widen):
+            return None
+        with self.autocast():
+            return torch.softmax(self.net(image)["logits"].float(), dim=1)
 
     def epoch_batches(self, epoch: int) -> Iterable[dict[str, Any]]:
         """The training batches of one epoch; the data pipeline is reseeded per epoch so a resume
