@@ -162,10 +162,12 @@ def load_model(source: str | Path, device: str | torch.device | None = None, *,
     cfg = Config.load(folder / CONFIG_FILE).validate()
     model = _segmentation_net(cfg)
     weights = load_file(str(folder / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches
+        first = str(exc).splitlines()[1:3]
         raise ValueError(f"{folder / WEIGHTS_FILE}: weights do not match model.* of {folder / CONFIG_FILE} "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+                         f"({' '.join(line.strip() for line in first)})") from exc
     return model.to(device or "cpu").eval(), cfg
 
 

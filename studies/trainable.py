@@ -74,7 +74,7 @@ def study_config(cfg: Config, settings: TrialSettings, search: dict[str, Any]) -
 
 def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """The checkpoint of the best epoch by the selection metric (``Result.checkpoint`` is the latest)."""
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE_KEY, -1.0) >= 0]
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE_KEY, -1.0) > -0.5]
     if not candidates:
         candidates = list(result.best_checkpoints or [])
     if not candidates:
