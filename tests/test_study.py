@@ -115,8 +115,6 @@ def ray_head(tmp_path_factory):
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -129,10 +127,6 @@ def ray_head(tmp_path_factory):
             pytest.fail(f"the Ray head did not come up: {(temp / 'head.log').read_text()[-2000:]}")
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
         # The head and everything it spawned share the process group this fixture created.
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -145,8 +139,12 @@ def ray_head(tmp_path_factory):
             pass
         head.wait(timeout=30)
         log.close()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def _tune(env: dict, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``python studies/tune.py ARGS`` as a user runs it, with the head's token in its environment."""
+    return subprocess.run([sys.executable, str(REPO / "studies" / "tune.py"), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _study_args(root: Path, storage: Path, *extra: str) -> list[str]:
@@ -160,15 +158,16 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
     import mlflow
 
     from studies.export_best import validation_dice
-    from studies.tune import build_parser, run_study
 
-    address, _, _ = ray_head
+    address, _, env = ray_head
     storage = tmp_path / "studies"
-    args = build_parser().parse_args(_study_args(phantom_root, storage, "--address", address,
-                                                 "--num-samples", "2", "--fail-at-epoch", "0"))
-    summary = run_study(args)
-    study = Path(summary["study_dir"])
+    done = _tune(env, *_study_args(phantom_root, storage, "--address", address, "--num-samples", "2",
+                                   "--fail-at-epoch", "0"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout and "Exported model:" in done.stdout
+    study = storage / "dualssl-smoke"
     rows = json.loads((study / "trials.json").read_text())
+    summary = json.loads((study / "export.json").read_text())
     assert len(rows) == 2 and summary["best_trial_id"] in {r["trial_id"] for r in rows}
 
     # MLflow: one parent, exactly one child run per trial despite the worker restart.
@@ -208,15 +207,13 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_study_refuses_resources_the_cluster_lacks(ray_head, phantom_root, tmp_path, capsys):
-    from studies.tune import main
-
-    address, _, _ = ray_head
+def test_study_refuses_resources_the_cluster_lacks(ray_head, phantom_root, tmp_path):
+    address, _, env = ray_head
     args = _study_args(phantom_root, tmp_path, "--address", address)
-    assert main([*args, "--gpus-per-worker", "1"]) == 2
-    assert "--gpus-per-worker 0" in capsys.readouterr().err
-    assert main([*args, "--max-concurrent-trials", "2", "--workers-per-trial", "2"]) == 2
-    assert "--max-concurrent-trials 1" in capsys.readouterr().err
+    # Two trials of 2 workers x 1 CPU on a 2-CPU head would wait forever: refused with the fix.
+    done = _tune(env, *args, "--max-concurrent-trials", "2", "--workers-per-trial", "2", timeout=100)
+    assert done.returncode == 2 and "--max-concurrent-trials 1" in done.stderr
+    assert not (tmp_path / "dualssl-smoke" / "trials.json").exists()
 
 
 @pytest.mark.slow
