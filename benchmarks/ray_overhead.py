@@ -1,6 +1,6 @@
 """Ray Train overhead: steps/s of a 1-worker TorchTrainer against ``engine.fit`` alone, same work.
 
-    python benchmarks/ray_overhead.py [--epochs 4] [--steps 8] [--data ROOT] [--cpus 2]
+    python benchmarks/ray_overhead.py [--epochs 6] [--steps 16] [--repeats 3] [--cpus 1] [--data ROOT]
 
 Both sides run the same config, seed, data cache, torch threads and per-epoch checkpoint (the
 engine's CheckpointSaver locally; ``ray.train.report`` with a checkpoint under Ray). Steady-state
@@ -85,12 +85,12 @@ def run_ray(cfg: Config, threads: int, storage: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="dataset root (default: a small phantom in a temp dir)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--cpus", type=int, default=1,
                    help="torch threads on both sides (and the Ray worker's CPU); more than 1 thread is "
                         "only meaningful on an otherwise idle machine")
-    p.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved; the fastest counts")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
