@@ -18,7 +18,7 @@ import ray
 import ray.train
 
 from studies.crosssite import ACROSS_KEYS, flat_metrics, remote_evaluate
-from studies.trainable import FINAL_KEY, _history, best_checkpoint, objective, split_config, write_artifacts
+from studies.trainable import FINAL_KEY, best_checkpoint, checkpoint_history, objective, split_config, write_artifacts
 from studies.tracking import log_study_summary, log_trial_outcome, trial_runs
 
 
@@ -79,7 +79,7 @@ def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict
         info = {"trial_id": trial_id, "best_checkpoint": best.path, "train_run": run_path,
                 "worst_site": outcome["summary"].get("across_sites", {}).get("worst_site"),
                 "selection": settings.selection, "evaluated_by": "driver (trial stopped before its own evaluation)"}
-        write_artifacts(folder, cfg, _history(train_result.checkpoint), outcome["files"], info)
+        write_artifacts(folder, cfg, checkpoint_history(train_result.checkpoint), outcome["files"], info)
         if row["run_id"]:
             log_trial_outcome(manifest["tracking_uri"], row["run_id"],
                               {**cross, f"best_{selection_metric}": best_val, "best_epoch": best_epoch,

@@ -82,7 +82,8 @@ def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dic
     return max(candidates, key=lambda cm: cm[1].get(SCORE_KEY, -1.0))
 
 
-def _history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
+def checkpoint_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
+    """Every epoch's metrics, from the engine state inside a Ray Train checkpoint."""
     from dualssl.engine import load_checkpoint
     from studies.train_loop import CHECKPOINT_FILE
 
@@ -151,7 +152,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     # 3. The best epoch's checkpoint, from the reported metrics (not Result.checkpoint).
     best, best_metrics = best_checkpoint(result)
-    history = _history(result.checkpoint)
+    history = checkpoint_history(result.checkpoint)
 
     # 4. Cross-site evaluation of that checkpoint, holding one worker's resources.
     outcome = remote_evaluate(best, settings.cpus_per_worker, settings.gpus_per_worker)
