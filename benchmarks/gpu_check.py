@@ -43,7 +43,7 @@ def main() -> int:
     from monai.inferers import sliding_window_inference
 
     from dualssl.config import Config
-    from dualssl.engine.fit import resolve_amp
+    from dualssl.precision import amp_dtype as resolve_amp
     from dualssl.losses.composite import DualSSLLoss
     from dualssl.models import SegmentationNet
     from dualssl.models.factory import build_model

@@ -33,6 +33,7 @@ from torch import nn
 from dualssl.config import Config
 from dualssl.engine.callbacks import Callback
 from dualssl.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, set_rng_state
+from dualssl.precision import amp_dtype
 
 
 @dataclass
@@ -40,15 +41,6 @@ class FitResult:
     best_metric: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``optim.amp`` on ``device``; None = full precision."""
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -150,7 +142,7 @@ class Trainer:
         self.model = self.wrap_model(self.net)
         self.criterion = self.build_loss().to(self.device)
         self.optimizer, self.scheduler = self.configure_optimizers(self.net)
-        self.amp_dtype = resolve_amp(self.cfg.optim.amp, self.device)
+        self.amp_dtype = amp_dtype(self.cfg.optim.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._is_setup = True
 

@@ -24,21 +24,11 @@ from monai.utils import convert_to_tensor
 
 from dualssl.config import Config
 from dualssl.evaluation.postprocess import keep_large_components
+from dualssl.precision import amp_dtype
 
 # Every subset of the three spatial axes of a (B,C,X,Y,Z) batch: identity + 7 flips.
 FLIP_AXES: tuple[tuple[int, ...], ...] = tuple(
     axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r))
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``optim.amp`` on ``device``: None on CPU or when ``mode == 'off'``."""
-    if mode not in ("auto", "bf16", "fp16", "off"):
-        raise ValueError(f"amp: choose auto, bf16, fp16 or off, got {mode!r}")
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 class Predictor:
