@@ -140,8 +140,10 @@ def train_func(config: dict[str, Any]) -> None:
         run_config=ray.train.RunConfig(
             name=f"train_{trial_id}",
             storage_path=settings.train_storage,
-            # controller_failure_limit: an unschedulable worker group fails instead of retrying forever
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures, controller_failure_limit=2),
+            # controller_failure_limit: an unschedulable worker group fails instead of retrying forever;
+            # 5 tries of Ray's 60 s start timeout leave time for the reservation of a trial that ASHA
+            # just stopped to be released on a loaded machine.
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures, controller_failure_limit=5),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints,
                                                          checkpoint_score_attribute=SCORE_KEY,
                                                          checkpoint_score_order="max"),

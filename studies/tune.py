@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDP workers per trial (default: 2 where the CPUs allow, else 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 6; smoke 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10; smoke 2)")
     p.add_argument("--storage-path", default=str(DEFAULT_STORAGE),
                    help="absolute path, NFS mount or s3:// URI shared by all nodes")
     p.add_argument("--study-dir", type=Path, default=None,
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: RAY_ADDRESS as set by "
-                        "`ray job submit`, else a new private local cluster)")
+                        "`ray job submit`, else a private head started for this study and stopped after it)")
     p.add_argument("--resume", action="store_true", help="resume the study in STORAGE/EXPERIMENT")
     p.add_argument("--smoke-test", action="store_true", help="tiny data, net and epochs")
     p.add_argument("--no-export", action="store_true", help="skip the export of the best model")
@@ -82,17 +82,28 @@ def tiny(cfg: Config) -> None:
                         "eval.sw_batch_size": 1})
 
 
+def demo(cfg: Config) -> None:
+    """The CPU demo study (the CLI default): the narrow net with patches large enough to learn the
+    phantom's pancreas in a few hundred steps (tests/test_learning.py uses the same recipe)."""
+    tiny(cfg)
+    cfg.with_overrides({"data.patch_size": (48, 48, 32), "data.samples_per_volume": 2, "data.augment": False,
+                        "optim.lr": 3e-3, "optim.steps_per_epoch": 10,
+                        # The demo's one or two validation cases give a few patches that can all
+                        # miss the pancreas (patch Dice 0 for every trial, nothing for ASHA to
+                        # rank); their whole-volume Dice costs seconds, so ASHA uses it here.
+                        "eval.cheap_metric": "val_dice"})
+
+
 def base_config(args: argparse.Namespace) -> Config:
     cfg = Config.load(args.config) if args.config else Config()
-    if args.config is None:
-        tiny(cfg)  # the CLI default is the CPU demo; pass --config for the full-size network
-        cfg.with_overrides({"optim.steps_per_epoch": 4 if args.smoke_test else 8, "optim.lr": 1e-3,
-                            # The demo's one or two validation cases give a few patches that can all
-                            # miss the pancreas (patch Dice 0 for every trial, nothing for ASHA to
-                            # rank); their whole-volume Dice costs seconds, so ASHA uses it here.
-                            "eval.cheap_metric": "val_dice"})
+    if args.config is None:  # pass --config for the full-size network (cluster/full-size.yaml)
+        if args.smoke_test:
+            tiny(cfg)
+            cfg.with_overrides({"optim.steps_per_epoch": 4, "optim.lr": 1e-3})
+        else:
+            demo(cfg)
     cfg.with_overrides(args.set)
-    cfg.optim.epochs = args.epochs or (2 if args.smoke_test else cfg.optim.epochs if args.config else 6)
+    cfg.optim.epochs = args.epochs or (2 if args.smoke_test else cfg.optim.epochs if args.config else 10)
     cfg.data.source_sites = [s for s in args.source_site.split(",") if s]
     return cfg
 
@@ -144,8 +155,9 @@ def connect(address: str | None) -> None:
     # Ship this package by value: workers need not find studies/ on their own sys.path.
     cloudpickle.register_pickle_by_value(studies)
     if not ray.is_initialized():
-        # "local" starts a private cluster instead of joining whatever `ray start` left running on a
-        # shared machine; inside `ray job submit`, RAY_ADDRESS names the job's cluster.
+        # main() starts a private head (studies/local_cluster.py) when neither --address nor
+        # RAY_ADDRESS (set by `ray job submit`) names a cluster; run_study() alone may start a
+        # plain local one.
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
@@ -251,18 +263,33 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = run_study(args)
+        if args.address is None and not os.environ.get("RAY_ADDRESS"):
+            from studies.local_cluster import local_cluster
+
+            resolve_paths(args)  # refuse bad paths before starting anything
+            with local_cluster() as address:
+                args.address = address
+                try:
+                    summary = run_study(args)
+                finally:
+                    _disconnect()
+        else:
+            summary = run_study(args)
     except (ConfigError, ResourceError) as exc:
         print(f"studies/tune.py: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        _disconnect()
     print(summary["report"])
     print(f"\nMLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
     if summary.get("model_dir"):

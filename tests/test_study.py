@@ -139,6 +139,9 @@ def ray_head(tmp_path_factory):
             pass
         head.wait(timeout=30)
         log.close()
+        from studies.local_cluster import forget_head
+
+        forget_head(port)
 
 
 def _tune(env: dict, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

@@ -1,0 +1,95 @@
+"""A private single-node Ray cluster for a study run on one machine.
+
+``ray.init()`` without an address joins whatever ``ray start`` last recorded in
+``/tmp/ray/ray_current_cluster`` (on a shared machine: someone else's cluster, or a dead one), and
+Ray Train's placement-group cleaner finds "its" cluster the same way: with a stale record it
+cannot reach the GCS, and the workers' reservation of every trial that ASHA stops is never freed,
+so the next trial waits forever. Here the head is started with ``ray start`` on free ports and
+``RAY_ADDRESS`` in its environment, which every Ray process it spawns inherits; the head and its
+processes form one process group that is stopped as a whole at the end. Call it before ``ray`` is
+imported in this process: the driver reads the cluster's auth token from the environment once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Start a Ray head on this machine; yields its address (``127.0.0.1:PORT``)."""
+    port, dashboard = _free_port(), _free_port()
+    address = f"127.0.0.1:{port}"
+    # Ray's local clusters use token authentication: one fresh token for the head, its processes and
+    # this driver (set before `ray` is first imported, which reads it once).
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, **auth, "RAY_ADDRESS": address}
+    cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    log = tempfile.NamedTemporaryFile("w+", prefix="dualssl-ray-head-", suffix=".log", delete=False)
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + start_timeout_s
+        # Ready when its job server answers (the dashboard is up once the GCS and raylet are).
+        while subprocess.run(["ray", "job", "list", f"--address=http://127.0.0.1:{dashboard}"], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            if head.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"the local Ray head did not start (log {log.name}):\n{log.read()[-2000:]}")
+            time.sleep(1)
+        saved = {k: os.environ.get(k) for k in auth}
+        os.environ.update(auth)
+        try:
+            yield address
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    finally:
+        _stop(head)
+        forget_head(port)
+        log.close()
+
+
+def forget_head(port: int) -> None:
+    """Remove `ray start`'s record of this head (``ray_current_cluster``) if it still names it, so
+    that a later ``ray.init()`` does not look for a cluster that is gone."""
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        if record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
+    except OSError:
+        pass
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """SIGTERM to the head's process group, then SIGKILL to what is left (gcs_server and the
+    dashboard outlive SIGTERM); only processes of the group this module created are signalled."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
