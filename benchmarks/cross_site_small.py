@@ -25,7 +25,9 @@ from dualssl.evaluation.inference import Predictor  # noqa: E402
 from dualssl.evaluation.run import evaluate_cases  # noqa: E402
 from dualssl.models import SegmentationNet  # noqa: E402
 from dualssl.models.factory import build_model  # noqa: E402
-from tests.test_learning import LEARNING  # noqa: E402
+from dualssl.recipes import SCALES  # noqa: E402
+
+LEARNING = dict(SCALES["learning"])
 
 SITES = ["pv_standard", "native_thick", "cone_beam"]
 

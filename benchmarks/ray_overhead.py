@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
-    from studies.tune import tiny
+    from dualssl.recipes import TINY
 
     with tempfile.TemporaryDirectory(prefix="dualssl-overhead-") as tmp:
         tmp = Path(tmp)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             root = generate_dataset(tmp / "phantom", sites=["pv_standard", "native_thick"], cases_per_site=5,
                                     seed=0, scale=0.3)
         cfg = Config()
-        tiny(cfg)
+        cfg.with_overrides(dict(TINY))
         # Whole-volume validation only after the last epoch: the steady state measures steps,
         # reporting and checkpointing, which is where Ray could cost something.
         cfg.with_overrides({"optim.epochs": args.epochs, "optim.steps_per_epoch": args.steps, "optim.lr": 1e-3,

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 
+DOMAIN_AUGS = ("none", "bigaug", "randconv", "gin")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the dotted field and the fix."""
 
@@ -55,6 +58,10 @@ class DataConfig:
     a subfolder per preprocessing hash. Put it on shared storage on multi-node clusters."""
     num_workers: int = 0
     augment: bool = True
+    """Standard augmentation of the training patches (flips, rotation/scale, gamma, intensity, noise)."""
+    domain_aug: str = "none"
+    """Domain-generalisation augmentation applied after the standard one: 'none', 'bigaug', 'randconv'
+    or 'gin' (``dualssl/data/augment/``)."""
 
     def validate(self) -> None:
         _check(len(self.source_sites) >= 1, "data.source_sites", "name at least one source site")
@@ -69,6 +76,7 @@ class DataConfig:
         _check(self.samples_per_volume >= 1, "data.samples_per_volume", "must be >= 1")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.domain_aug in DOMAIN_AUGS, "data.domain_aug", f"choose one of {', '.join(DOMAIN_AUGS)}")
 
 
 @dataclass

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # `python studies/tune.py`: make `studies` import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualssl.config import Config, ConfigError  # noqa: E402
+from dualssl.recipes import apply_recipe  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.search_space import DEFAULT_SEARCH_SPACE, load_search_space, make_searcher  # noqa: E402
 
@@ -75,35 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def tiny(cfg: Config) -> None:
-    """Settings for CPU demos and tests: narrow net, small coarse patches, few steps."""
-    cfg.with_overrides({"model.widths": (8, 16, 32, 64), "data.patch_size": (32, 32, 16),
-                        "data.spacing": (3.0, 3.0, 4.0), "data.batch_size": 1, "data.samples_per_volume": 1,
-                        "eval.sw_batch_size": 1})
-
-
-def demo(cfg: Config) -> None:
-    """The CPU demo study (the CLI default): the narrow net with patches large enough to learn the
-    phantom's pancreas in a few hundred steps (tests/test_learning.py uses the same recipe)."""
-    tiny(cfg)
-    cfg.with_overrides({"data.patch_size": (48, 48, 32), "data.samples_per_volume": 2, "data.augment": False,
-                        "optim.lr": 3e-3, "optim.steps_per_epoch": 10,
-                        # The demo's one or two validation cases give a few patches that can all
-                        # miss the pancreas (patch Dice 0 for every trial, nothing for ASHA to
-                        # rank); their whole-volume Dice costs seconds, so ASHA uses it here.
-                        "eval.cheap_metric": "val_dice"})
-
-
 def base_config(args: argparse.Namespace) -> Config:
     cfg = Config.load(args.config) if args.config else Config()
     if args.config is None:  # pass --config for the full-size network (cluster/full-size.yaml)
-        if args.smoke_test:
-            tiny(cfg)
-            cfg.with_overrides({"optim.steps_per_epoch": 4, "optim.lr": 1e-3})
-        else:
-            demo(cfg)
+        apply_recipe(cfg, "smoke" if args.smoke_test else "demo")
     cfg.with_overrides(args.set)
-    cfg.optim.epochs = args.epochs or (2 if args.smoke_test else cfg.optim.epochs if args.config else 10)
+    if args.epochs is not None:
+        cfg.optim.epochs = args.epochs
     cfg.data.source_sites = [s for s in args.source_site.split(",") if s]
     return cfg
 

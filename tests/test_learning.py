@@ -6,20 +6,9 @@ import pytest
 
 from dualssl.config import Config
 from dualssl.engine import fit
+from dualssl.recipes import SCALES
 
-# Narrow net, coarse voxels, no augmentation (the source site only): ~200 steps, a few minutes on 2 cores.
-LEARNING = {
-    "model.widths": "8,16,32,64",
-    "data.spacing": "3,3,4",
-    "data.patch_size": "48,48,32",
-    "data.batch_size": 2,
-    "data.samples_per_volume": 2,
-    "data.augment": False,
-    "optim.lr": 3e-3,
-    "optim.epochs": 20,
-    "optim.steps_per_epoch": 10,
-    "eval.val_every": 5,
-}
+LEARNING = dict(SCALES["learning"])  # also benchmarks/cross_site_small.py
 
 
 @pytest.mark.slow

@@ -1,0 +1,92 @@
+"""Named recipes: the one place for presets that the CLI, the studies, tests and benchmarks share.
+
+A recipe is data: a mapping of dotted config names to values (``--set`` style), applied in order
+on top of ``Config()`` defaults. Three kinds live here:
+
+* **scales**: ``smoke`` (a one-minute study), ``demo`` (the CPU demo: a narrow net that learns the
+  phantom's pancreas in a few hundred steps) and ``learning`` (the learning test and the small
+  cross-site benchmark); the full-size network is ``cluster/full-size.yaml``.
+* **arms** of the domain-shift study, all under one protocol (same net, schedule, patches and
+  selection; only the loss weights or the augmentation differ): ``plain``, ``contrastive``,
+  ``restoration``, ``dual`` and the domain-generalisation baselines ``bigaug``, ``randconv`` and
+  ``gin`` (plain loss + that augmentation; see ``dualssl/data/augment/``).
+* user recipes: a YAML file ``{name: {dotted.key: value, ...}}`` read by :func:`load_recipes`.
+
+    >>> cfg = apply_recipe(Config(), "demo", "dual")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from dualssl.config import Config, ConfigError
+
+Recipe = Mapping[str, Any]
+
+TINY: Recipe = {
+    "model.widths": (8, 16, 32, 64), "data.patch_size": (32, 32, 16), "data.spacing": (3.0, 3.0, 4.0),
+    "data.batch_size": 1, "data.samples_per_volume": 1, "eval.sw_batch_size": 1,
+}
+"""Narrow net, coarse voxels, small patches: the base of the CPU recipes."""
+
+SCALES: dict[str, Recipe] = {
+    "smoke": {**TINY, "optim.steps_per_epoch": 4, "optim.lr": 1e-3, "optim.epochs": 2},
+    "demo": {**TINY, "data.patch_size": (48, 48, 32), "data.samples_per_volume": 2, "data.augment": False,
+             "optim.lr": 3e-3, "optim.steps_per_epoch": 10, "optim.epochs": 10,
+             # ASHA cuts on whole-volume validation Dice: the demo's few validation patches can all
+             # miss the pancreas, leaving nothing to rank, and whole volumes cost seconds here.
+             "eval.cheap_metric": "val_dice"},
+    "learning": {**TINY, "data.patch_size": (48, 48, 32), "data.batch_size": 2, "data.samples_per_volume": 2,
+                 "data.augment": False, "optim.lr": 3e-3, "optim.epochs": 20, "optim.steps_per_epoch": 10,
+                 "eval.val_every": 5},
+}
+
+ARMS: dict[str, Recipe] = {
+    "plain": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0},
+    "contrastive": {"loss.lambda_con": 0.1, "loss.lambda_rec": 0.0},
+    "restoration": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.1},
+    "dual": {"loss.lambda_con": 0.1, "loss.lambda_rec": 0.1},
+    "bigaug": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "data.domain_aug": "bigaug"},
+    "randconv": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "data.domain_aug": "randconv"},
+    "gin": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "data.domain_aug": "gin"},
+}
+
+RECIPES: dict[str, Recipe] = {**SCALES, **ARMS}
+
+
+def load_recipes(path: str | Path) -> dict[str, dict[str, Any]]:
+    """User recipes from YAML ``{name: {dotted.key: value}}``; each key is checked on a fresh Config."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
+        raise ConfigError(f"{path}: expected a mapping of recipe names to mappings of dotted keys")
+    for name, values in tree.items():
+        try:
+            Config().with_overrides(dict(values)).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: recipe {name}: {exc}") from exc
+    return {str(k): dict(v) for k, v in tree.items()}
+
+
+def get_recipe(name: str, extra: Mapping[str, Recipe] | None = None) -> Recipe:
+    table = {**RECIPES, **(extra or {})}
+    if name not in table:
+        raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(table)}")
+    return table[name]
+
+
+def apply_recipe(cfg: Config, *names: str, extra: Mapping[str, Recipe] | None = None) -> Config:
+    """Apply the named recipes to ``cfg`` in order; returns ``cfg``."""
+    for name in names:
+        cfg.with_overrides(dict(get_recipe(name, extra)))
+    return cfg
+
+
+def recipe_config(*names: str, extra: Mapping[str, Recipe] | None = None) -> Config:
+    """``Config()`` with the named recipes applied."""
+    return apply_recipe(Config(), *names, extra=extra)
