@@ -1,0 +1,152 @@
+"""``write_report``: per-case rows -> statistics -> figures -> report.md, report.html, PNGs and CSVs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dualssl.report import figures, html, markdown
+from dualssl.report.document import Document, Section, Table, facts_from_meta
+from dualssl.stats.bootstrap import DEFAULT_N_BOOT
+from dualssl.stats.cases import as_rows, is_sweep, ordered, unseen_rows
+from dualssl.stats.paired import paired_differences
+from dualssl.stats.summary import FAIL_BELOW, summarise
+from dualssl.stats.tables import format_ci, format_number, format_p, write_csv
+
+METHODS_NOTE = (
+    "Means pool every (seed, case) row. 95% CIs are hierarchical percentile bootstraps "
+    "({n_boot} replicates): training seeds resampled, then cases resampled within each "
+    "(source site, test site). Failure = {metric} < {fail}. Seed std = std of the per-seed means "
+    "(ddof 1); case std = std over cases (ddof 1), the stability measure. Differences are paired on "
+    "(seed, source site, site, case); p = two-sided Wilcoxon signed-rank test on those differences "
+    "(it treats pairs as independent; the CI respects the nesting).")
+
+
+def _pooled_table(pooled: list[dict], paired: list[dict], reference: str, metric: str) -> Table:
+    diffs = {r["arm"]: r for r in paired}
+    label = figures.metric_label(metric)
+    header = ["arm", "cases", "seeds", f"mean {label} [95% CI]", "median", f"fail < {FAIL_BELOW}",
+              "case std", "seed std", "worst site (mean)", "site std",
+              f"Δ vs {reference} [95% CI]", "p (Wilcoxon)", "CI excludes 0"]
+    rows = []
+    for r in pooled:
+        d = diffs.get(r["arm"])
+        rows.append([r["arm"], str(r["n_cases"]), str(r["n_seeds"]), format_ci(r["mean"], r["ci_low"], r["ci_high"]),
+                     format_number(r["median"]), f"{100 * r['fail_rate']:.1f}%", format_number(r["case_std"]),
+                     format_number(r["seed_std"]),
+                     f"{r['worst_site']} ({format_number(r['worst_site_mean'])})" if r["worst_site"] else "–",
+                     format_number(r["site_std"]),
+                     format_ci(d["mean_diff"], d["ci_low"], d["ci_high"]) if d else "–",
+                     format_p(d["p_wilcoxon"]) if d else "–", format_number(d["excludes_zero"]) if d else "–"])
+    return Table(header, rows)
+
+
+def _site_table(site_stats: list[dict], metric: str) -> Table:
+    header = ["arm", "source site", "site", "role", "cases", "seeds",
+              f"mean {figures.metric_label(metric)} [95% CI]", "median", f"fail < {FAIL_BELOW}", "seed std",
+              "case std"]
+    rows = [[r["arm"], r["source_site"], r["site"], r["role"] or "–", str(r["n_cases"]), str(r["n_seeds"]),
+             format_ci(r["mean"], r["ci_low"], r["ci_high"]), format_number(r["median"]),
+             f"{100 * r['fail_rate']:.1f}%", format_number(r["seed_std"]), format_number(r["case_std"])]
+            for r in site_stats]
+    return Table(header, rows)
+
+
+def _paired_table(per_site: list[dict], reference: str) -> Table:
+    header = ["arm", "site", "pairs", f"Δ vs {reference} [95% CI]", "p (Wilcoxon)", "CI excludes 0"]
+    rows = [[r["arm"], r["site"], str(r["n_pairs"]), format_ci(r["mean_diff"], r["ci_low"], r["ci_high"]),
+             format_p(r["p_wilcoxon"]), format_number(r["excludes_zero"])] for r in per_site]
+    return Table(header, rows)
+
+
+def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: str,
+                 meta: Mapping[str, Any] | None = None, *, reference: str = "plain", metric: str = "dice",
+                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Path]:
+    """Write the study report into ``out_dir`` and return its files by name.
+
+    Always: ``markdown`` (report.md), ``html`` (report.html, self-contained), ``summary_png``,
+    ``strip_png``, ``site_csv``, ``pooled_csv``. With the reference arm and another arm:
+    ``forest_png``, ``paired_csv``. With several source sites: ``heatmap_png``. With sweep rows
+    (``axis``/``severity``): ``robustness_png``, ``sweep_csv``.
+
+    Args:
+        rows: per-case rows (``dualssl.stats.read_cases``).
+        meta: study facts for the header (data, sites, arms, seeds, wall_time_s, ...), in order.
+        reference: the arm every other arm is compared with.
+        metric: the per-case column the report is about.
+    """
+    rows = as_rows(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stat_kw = dict(metric=metric, n_boot=n_boot, seed=seed)
+    arms = ordered((r["arm"] for r in rows), first=[reference])
+    colours = figures.arm_colours(arms, reference)
+    plain_rows = [r for r in rows if not is_sweep(r)]
+    sweep_rows = [r for r in rows if is_sweep(r)]
+    unseen = unseen_rows(rows)
+    sites = ordered(r["site"] for r in unseen)
+    paths: dict[str, Path] = {}
+
+    def by_arm(stats: list[dict]) -> list[dict]:  # reference first, then the arms in order; stable within
+        return sorted(stats, key=lambda r: arms.index(r["arm"]))
+
+    site_stats = by_arm(summarise(plain_rows, **stat_kw))
+    pooled = by_arm(summarise(unseen, by=(), **stat_kw)) if unseen else []
+    paths["site_csv"] = write_csv(site_stats, out / "site_stats.csv")
+    paths["pooled_csv"] = write_csv(pooled, out / "pooled_unseen.csv")
+    compare = reference in arms and len(arms) > 1 and bool(unseen)
+    paired_site = by_arm(paired_differences(unseen, reference=reference, by=("site",), **stat_kw)) if compare else []
+    paired_pool = by_arm(paired_differences(unseen, reference=reference, by=(), **stat_kw)) if compare else []
+    if compare:
+        paths["paired_csv"] = write_csv(paired_pool + paired_site, out / "paired_differences.csv")
+
+    doc = Document(title, facts_from_meta(meta or {}))
+    doc.sections.append(Section(
+        "Unseen sites, pooled (headline)",
+        f"Each arm over every unseen-site case of every source site and seed."
+        + ("" if compare else f" No paired comparison: the table needs the reference arm {reference!r} "
+                              f"and at least one other arm."),
+        _pooled_table(pooled, paired_pool, reference, metric)))
+
+    fig = figures.summary_figure(paired_site, paired_pool, unseen, arms, sites, colours, metric, reference)
+    paths["summary_png"] = figures.save_png(fig, out / "summary.png")
+    doc.sections.append(Section("At a glance", figure=paths["summary_png"],
+                                caption="Left: paired difference to the reference with 95% CI. "
+                                        "Right: per-case values on unseen sites; dashed line = failure."))
+    if compare:
+        paths["forest_png"] = figures.save_png(
+            figures.forest_figure(paired_site, paired_pool, arms, colours, metric, reference), out / "forest.png")
+        doc.sections.append(Section(
+            f"Paired difference to {reference}", "Per unseen test site, pooled over source sites and seeds.",
+            _paired_table(paired_site, reference), paths["forest_png"],
+            f"Arm − {reference}, mean of paired differences with 95% CI; the line marks no difference."))
+
+    doc.sections.append(Section("Per arm, source site and test site",
+                                "Source-site rows are that site's own validation cases.",
+                                _site_table(site_stats, metric)))
+    paths["strip_png"] = figures.save_png(figures.strip_figure(unseen, arms, sites, colours, metric),
+                                          out / "per_site.png")
+    doc.sections.append(Section("Per-case distribution on unseen sites", figure=paths["strip_png"],
+                                caption="Boxes: quartiles and median; points: cases (all seeds)."))
+    if len({r["source_site"] for r in plain_rows}) > 1:
+        paths["heatmap_png"] = figures.save_png(figures.heatmap_figure(site_stats, arms, metric),
+                                                out / "train_test_heatmap.png")
+        doc.sections.append(Section("Train site x test site", figure=paths["heatmap_png"],
+                                    caption=f"Mean {metric}; rows = source (training) site, columns = test "
+                                            f"site; outlined cells = the source site's own validation."))
+    if sweep_rows:
+        sweep_stats = summarise(sweep_rows, by=(), **stat_kw)
+        paths["sweep_csv"] = write_csv(sweep_stats, out / "sweep_stats.csv")
+        paths["robustness_png"] = figures.save_png(figures.robustness_figure(sweep_stats, arms, colours, metric),
+                                                   out / "robustness.png")
+        doc.sections.append(Section("Robustness to shift severity", figure=paths["robustness_png"],
+                                    caption="Mean over sources, seeds and cases per severity; bands = 95% CI."))
+    doc.sections.append(Section("How the numbers were computed",
+                                METHODS_NOTE.format(n_boot=n_boot, metric=metric, fail=FAIL_BELOW)))
+
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text(markdown.render(doc))
+    paths["html"] = out / "report.html"
+    paths["html"].write_text(html.render(doc))
+    return paths

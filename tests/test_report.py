@@ -1,0 +1,89 @@
+"""dualssl.report on small hand-built tables: files, embedded figures, table values, rows per group."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dualssl.report import write_report
+from dualssl.report.figures import OKABE_ITO, arm_colours
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# (source site, test site) -> Dice of cases c0..c2 for arm plain, seed 0; seed 1 adds 0.02; dual adds 0.1.
+PLAIN = {("a", "a"): [0.9, 0.8, 0.85], ("a", "b"): [0.6, 0.3, 0.7], ("a", "c"): [0.5, 0.55, 0.45],
+         ("b", "b"): [0.88, 0.9, 0.86], ("b", "a"): [0.7, 0.65, 0.6], ("b", "c"): [0.4, 0.2, 0.6]}
+
+
+def table(sources=("a", "b"), arms=(("plain", 0.0), ("dual", 0.1)), sweep=True) -> list[dict]:
+    rows = []
+    for arm, shift in arms:
+        for seed in (0, 1):
+            for (src, site), values in PLAIN.items():
+                if src not in sources:
+                    continue
+                for i, v in enumerate(values):
+                    rows.append(dict(arm=arm, seed=seed, source_site=src, site=site, case_id=f"{site}{i}",
+                                     dice=round(v + 0.02 * seed + shift, 6), hd95=1.0,
+                                     role="source" if src == site else "unseen"))
+            if sweep:
+                for sev in (0.0, 1.0, 2.0):
+                    for i in range(2):
+                        rows.append(dict(arm=arm, seed=seed, source_site="a", site="sweep_noise", case_id=f"s{i}",
+                                         dice=0.9 - 0.2 * sev + shift / 2 + 0.01 * i, role="unseen", axis="noise",
+                                         severity=sev))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    meta = {"data": "hand-built table", "sites": ["a", "b", "c"], "arms": ["plain", "dual"], "seeds": 2,
+            "wall_time_s": 3725}
+    return write_report(table(), out, "Hand-built study", meta, n_boot=200)
+
+
+def test_report_writes_every_file_and_valid_pngs(report):
+    for key in ("markdown", "html", "summary_png", "strip_png", "forest_png", "heatmap_png", "robustness_png",
+                "site_csv", "pooled_csv", "paired_csv", "sweep_csv"):
+        assert report[key].is_file(), key
+    for key in ("summary_png", "strip_png", "forest_png", "heatmap_png", "robustness_png"):
+        assert report[key].read_bytes()[:8] == PNG_MAGIC, key
+
+
+def test_html_is_self_contained_and_holds_the_values(report):
+    page = report["html"].read_text()
+    assert page.count('<img src="data:image/png;base64,') == 5   # summary, forest, strip, heatmap, curves
+    assert 'src="http' not in page and "<script" not in page and 'href="http' not in page
+    assert "<style>" in page and "Hand-built study" in page and "1 h 02 min" in page
+    # plain a -> b: seed 0 (0.6, 0.3, 0.7), seed 1 the same + 0.02: mean 0.543, one of three fails per seed.
+    assert "0.543 [" in page and "33.3%" in page
+    # dual - plain is exactly 0.1 everywhere: a zero-width CI at 0.100.
+    assert "0.100 [0.100, 0.100]" in page
+
+
+def test_markdown_table_has_one_row_per_arm_source_and_site(report):
+    text = report["markdown"].read_text()
+    section = text.split("## Per arm, source site and test site")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if re.match(r"\| (plain|dual) \|", line)]
+    keys = {tuple(c.strip() for c in line.strip("|").split("|")[:3]) for line in lines}
+    expected = {(arm, src, site) for arm in ("plain", "dual") for (src, site) in PLAIN}
+    assert len(lines) == len(expected) and keys == expected
+    assert "![" in text and "(summary.png)" in text and "data:image" not in text
+    assert "- **Seeds:** 2" in text
+
+
+def test_one_source_site_and_no_reference_leave_out_heatmap_and_forest(tmp_path):
+    paths = write_report(table(sources=("a",), arms=(("dual", 0.0), ("gin", 0.05)), sweep=False), tmp_path,
+                         "One source", {}, n_boot=100)
+    assert {"heatmap_png", "forest_png", "paired_csv", "robustness_png"}.isdisjoint(paths)
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "No paired comparison" in page
+    text = paths["markdown"].read_text()
+    assert text.count("| dual | a |") == 3 and text.count("| gin | a |") == 3
+
+
+def test_reference_arm_is_black_and_others_okabe_ito():
+    colours = arm_colours(["plain", "dual", "bigaug"], "plain")
+    assert colours == {"plain": "#000000", "dual": OKABE_ITO[0], "bigaug": OKABE_ITO[1]}
