@@ -1,0 +1,426 @@
+"""The domain-shift study: arms x seeds x source sites, every cell scored on every unseen site.
+
+Each cell trains one arm (``dualssl.recipes.ARMS``: plain, contrastive, restoration, dual, and the
+DG baselines bigaug, randconv, gin; or your own from ``--arms-file``) with one seed on one source
+site, all under one protocol (the same net, schedule, patches and source-validation selection), as
+a Ray Train DDP run driven by the trainable that ``tune.py`` uses; the cells are a Tune
+``grid_search``. The best epoch of every cell is measured on the source validation cases and on
+every other site, severity-sweep sites included, and the study ends with statistics (bootstrap CIs,
+paired differences against ``plain``, Wilcoxon) and a report::
+
+    python studies/domain_shift.py                      # 2 arms x 3 seeds on the phantom, ~30 min on 2 cores
+    python studies/domain_shift.py --smoke-test         # 2 arms x 2 seeds, tiny net, a few minutes
+    python studies/domain_shift.py --arms plain,dual,bigaug,gin --leave-one-site-out --seeds 5 \\
+        --data /data/multisite --storage-path /mnt/shared/studies --mlflow-tracking-uri http://mlflow:5000
+    ray job submit --working-dir . -- python studies/domain_shift.py --smoke-test
+
+Steps: 1. preflight on the driver (flags, arms, config, data: every problem at once, exit 2);
+2. data (a phantom with a severity sweep when ``--data`` is absent); 3. Ray and resources; 4. MLflow
+parent run; 5. the grid (``--resume`` reruns no finished cell); 6. per-case table of every cell;
+7. statistics and report, logged to the parent run.
+
+Reported numbers use every case of the unseen sites: the cells are selected on source validation
+only, so the unseen sites' oracle selection part (``studies/crosssite.py``) was never looked at; the
+``part`` column of ``cases.csv`` keeps it apart for anyone who wants the report part alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python studies/domain_shift.py`: make `studies` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualssl.config import Config, ConfigError  # noqa: E402
+from dualssl.recipes import ARMS, apply_recipe, load_recipes  # noqa: E402
+from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
+
+DEFAULT_STORAGE = Path.home() / "dualssl-studies"
+PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
+SMOKE_SITES = ["pv_standard", "native_thick", "cone_beam"]
+DEFAULT_SWEEP = {"noise": [25.0, 50.0]}
+"""The default phantom's severity sweep (noise std in HU on top of pv_standard)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studies/domain_shift.py", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, help="dataset root or list (default: a phantom in the study folder)")
+    p.add_argument("--source-sites", default=None,
+                   help="training site(s), one cell each, comma-separated (default pv_standard)")
+    p.add_argument("--leave-one-site-out", action="store_true",
+                   help="one cell per (non-sweep) site as source: the full train x test matrix")
+    p.add_argument("--arms", default="plain,dual", help=f"comma-separated; known: {', '.join(ARMS)}")
+    p.add_argument("--arms-file", type=Path, help="YAML {arm: {dotted.key: value}} adding or redefining arms")
+    p.add_argument("--seeds", default=None, help="a count (default 3; smoke 2) or a comma list of seeds")
+    p.add_argument("--from-study", type=Path,
+                   help="folder of a finished tune.py study: the dual arm takes its best trial's loss weights")
+    p.add_argument("--sweep", action="append", default=None, metavar="AXIS=V1,V2",
+                   help="severity sweep sites of the generated phantom (default noise=25,50; 'none' for none)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per cell (default: the recipe's)")
+    p.add_argument("--config", type=Path, help="base YAML config (default: the demo / smoke recipe)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every cell")
+    p.add_argument("--max-concurrent-trials", type=int, default=1)
+    p.add_argument("--workers-per-trial", type=int, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per cell")
+    p.add_argument("--storage-path", default=str(DEFAULT_STORAGE))
+    p.add_argument("--study-dir", type=Path, default=None)
+    p.add_argument("--experiment-name", default=None, help="default dualssl-domain-shift (smoke: -smoke)")
+    p.add_argument("--mlflow-tracking-uri", default=None, help="default: sqlite file in the study folder")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a private head)")
+    p.add_argument("--resume", action="store_true", help="resume the study: finished cells are not rerun")
+    p.add_argument("--smoke-test", action="store_true", help="2 arms x 2 seeds, tiny net and data")
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap replicates of the report")
+    p.add_argument("--skip-resource-check", action="store_true")
+    return p
+
+
+@dataclass
+class Plan:
+    """What the preflight checked: paths, the base config, the arms and the grid of cells."""
+
+    storage: str
+    study_dir: Path
+    experiment: str
+    cfg: Config
+    arms: dict[str, dict[str, Any]]
+    seeds: list[int]
+    source_sites: list[str]
+    sweeps: dict[str, list[Any]]
+    cells: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_seeds(text: str | None, smoke: bool) -> list[int]:
+    if text is None:
+        return list(range(2 if smoke else 3))
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise ConfigError(f"--seeds {text}: give a count (e.g. 3) or a comma list of integer seeds") from None
+    if len(values) == 1:
+        if values[0] < 1:
+            raise ConfigError(f"--seeds {text}: a count must be >= 1")
+        return list(range(values[0]))
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--seeds {text}: a seed is named twice")
+    return values
+
+
+def arm_table(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The arms asked for, each a dict of dotted overrides (``--arms-file`` adds or redefines)."""
+    table = {name: dict(values) for name, values in ARMS.items()}
+    if args.arms_file:
+        table.update(load_recipes(args.arms_file))
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in table]
+    if unknown:
+        raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(table)} "
+                          "(add your own with --arms-file)")
+    if len(names) < 1 or len(set(names)) != len(names):
+        raise ConfigError(f"--arms {args.arms}: name each arm once")
+    arms = {a: table[a] for a in names}
+    if args.from_study:
+        arms_with_weights = [a for a in arms if a == "dual"]
+        if not arms_with_weights:
+            raise ConfigError("--from-study sets the dual arm's loss weights, but --arms has no 'dual'")
+        arms["dual"] = {**arms["dual"], **best_loss_weights(args.from_study)}
+    return arms
+
+
+def best_loss_weights(study: Path) -> dict[str, Any]:
+    """The searched ``loss.*`` values of the best trial of a finished ``tune.py`` study folder."""
+    trials, manifest = study / "trials.json", study / "study.json"
+    if not trials.is_file() or not manifest.is_file():
+        raise ConfigError(f"--from-study {study}: no trials.json / study.json; give the folder of a finished "
+                          "tune.py study (its --study-dir, by default ~/dualssl-studies/dualssl-study)")
+    best_id = json.loads(manifest.read_text()).get("best_trial_id")
+    rows = {r["trial_id"]: r for r in json.loads(trials.read_text())}
+    if best_id not in rows:
+        raise ConfigError(f"--from-study {study}: study.json names no best trial; did the study finish?")
+    weights = {k: v for k, v in rows[best_id].get("params", {}).items() if k.startswith("loss.")}
+    if not weights:
+        raise ConfigError(f"--from-study {study}: the best trial {best_id} searched no loss.* parameter")
+    return weights
+
+
+def sweep_spec(args: argparse.Namespace) -> dict[str, list[Any]]:
+    from dualssl.data.phantom.sweeps import parse_sweep_spec
+
+    if args.sweep is None:
+        return {} if args.smoke_test else dict(DEFAULT_SWEEP)
+    if args.sweep == ["none"]:
+        return {}
+    out: dict[str, list[Any]] = {}
+    for spec in args.sweep:
+        try:
+            axis, values = parse_sweep_spec(spec)
+        except ValueError as exc:
+            raise ConfigError(f"--sweep {spec}: {exc}") from exc
+        out[axis] = values
+    return out
+
+
+def base_config(args: argparse.Namespace) -> Config:
+    cfg = Config.load(args.config) if args.config else apply_recipe(Config(), "smoke" if args.smoke_test else "demo")
+    if args.epochs is not None:
+        cfg.optim.epochs = args.epochs
+    cfg.with_overrides(args.set)
+    return cfg.validate()
+
+
+def dataset_sites(root: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """(sites of the dataset, sweep records of dataset.json by site)."""
+    from dualssl.data.datalist import load_datalist
+
+    sites = sorted({c.site for c in load_datalist(root)})
+    sweeps: dict[str, dict[str, Any]] = {}
+    meta = root / "dataset.json" if root.is_dir() else None
+    if meta is not None and meta.is_file():
+        sweeps = json.loads(meta.read_text()).get("sweeps", {}) or {}
+    return sites, sweeps
+
+
+def make_cells(arms: dict[str, dict[str, Any]], seeds: list[int], sources: list[str]) -> list[dict[str, Any]]:
+    """One ``study.overrides`` dict per (source site, arm, seed), labelled for MLflow."""
+    cells = []
+    for source in sources:
+        for arm, overrides in arms.items():
+            for seed in seeds:
+                label = f"{arm}-s{seed}-{source}"
+                cells.append({**overrides, "optim.seed": seed, "data.source_sites": [source],
+                              "study.arm": arm, "study.cell": label})
+    return cells
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Flags, arms, config and (for ``--data``) every file of the dataset; starts and writes nothing."""
+    from studies.tune import StudyError
+
+    problems: list[str] = []
+    experiment = args.experiment_name or ("dualssl-domain-shift-smoke" if args.smoke_test else "dualssl-domain-shift")
+    storage = os.path.expanduser(args.storage_path)
+    if "://" not in storage and not os.path.isabs(storage):
+        problems.append(f"--storage-path {args.storage_path}: give an absolute path (a Ray job runs in a copy "
+                        f"of the working dir), e.g. {DEFAULT_STORAGE}")
+    study_dir = Path(args.study_dir or (Path(storage) / experiment if "://" not in storage
+                                        else DEFAULT_STORAGE / experiment)).expanduser().resolve()
+    cfg = arms = seeds = sweeps = None
+    for step in ("cfg", "arms", "seeds", "sweeps"):
+        try:
+            if step == "cfg":
+                cfg = base_config(args)
+            elif step == "arms":
+                arms = arm_table(args)
+            elif step == "seeds":
+                seeds = parse_seeds(args.seeds, args.smoke_test)
+            else:
+                sweeps = sweep_spec(args)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if args.data is not None and args.sweep is not None:
+        problems.append("--sweep generates phantom sites; with --data, put sweep sites in the dataset itself "
+                        "(dualssl phantom --sweep AXIS=V1,V2)")
+    sources: list[str] = []
+    if args.data is None:
+        known = SMOKE_SITES if args.smoke_test else PHANTOM_SITES
+        sweep_names: list[str] = []
+    else:
+        root = args.data.expanduser().resolve()
+        if not root.exists():
+            problems.append(f"--data {root}: not found; give a dataset root or list, or leave it out for a phantom")
+            known, sweep_names = [], []
+        else:
+            try:
+                all_sites, records = dataset_sites(root)
+            except (ValueError, OSError) as exc:
+                problems.append(f"--data {root}: {exc}")
+                all_sites, records = [], {}
+            sweep_names = sorted(records)
+            known = [s for s in all_sites if s not in records]
+    if args.leave_one_site_out:
+        if args.source_sites:
+            problems.append("--leave-one-site-out and --source-sites both choose the source sites; give one")
+        sources = list(known)
+    else:
+        sources = [s.strip() for s in (args.source_sites or "pv_standard").split(",") if s.strip()]
+        unknown = [s for s in sources if s not in known]
+        if unknown and known:
+            problems.append(f"--source-sites {','.join(unknown)}: not a site of the dataset; its sites: "
+                            f"{', '.join(known)}" + (f" (sweep sites {', '.join(sweep_names)} are test-only)"
+                                                     if sweep_names else ""))
+    if len(known) < 2 and not problems:
+        problems.append("the dataset has one site: a domain-shift study needs at least one unseen site")
+    if args.data is not None and not problems and cfg is not None:
+        from dualssl.data.verify import verify_dataset
+
+        for source in sources:
+            found = verify_dataset(args.data.expanduser().resolve(), [source], val_fraction=cfg.data.val_fraction,
+                                   split_seed=cfg.data.split_seed, workers=min(8, os.cpu_count() or 1))
+            problems.extend(str(p) for p in found if p.fatal and str(p) not in problems)
+    if problems:
+        raise StudyError(problems)
+    if cfg.data.cache_dir and not os.path.isabs(os.path.expanduser(cfg.data.cache_dir)):
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps)
+    plan.cells = make_cells(arms, seeds, sources)
+    return plan
+
+
+def ensure_data(args: argparse.Namespace, plan: Plan) -> Path:
+    if args.data is not None:
+        return args.data.expanduser().resolve()
+    from dualssl.data.phantom import generate_dataset
+    from dualssl.data.phantom.sweeps import sweep_name
+
+    root = plan.study_dir / "phantom"
+    if not (root / "dataset.json").is_file():
+        base = SMOKE_SITES if args.smoke_test else PHANTOM_SITES
+        sweeps = [sweep_name(axis, v) for axis, values in plan.sweeps.items() for v in values]
+        print(f"[domain-shift] generating the phantom ({len(base)} sites + {len(sweeps)} sweep sites) in {root}",
+              flush=True)
+        generate_dataset(root, sites=[*base, *sweeps], cases_per_site=4 if args.smoke_test else 6, seed=0,
+                         scale=0.3, workers=max(1, min(4, os.cpu_count() or 1)))
+    return root
+
+
+def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    from dualssl.report import write_report
+    from dualssl.stats import read_cases
+    from studies import trainable as trainable_mod
+    from studies.shift_table import CASE_COLUMNS, collect, write_csv
+    from studies.tracking import TrialRuns, git_revision, start_parent_run
+    from studies.tune import cluster_nodes, connect, default_workers
+
+    started = time.time()
+    plan.study_dir.mkdir(parents=True, exist_ok=True)
+    cfg = plan.cfg
+    # 2. Data: the given dataset or a phantom (with its severity sweep) made once in the study folder.
+    cfg.data.root = str(ensure_data(args, plan))
+    _, sweeps = dataset_sites(Path(cfg.data.root))
+    tracking_uri = args.mlflow_tracking_uri or f"sqlite:///{plan.study_dir / 'mlflow.db'}"
+
+    # 3. Ray and resources.
+    connect(args.address)
+    resources = StudyResources(args.max_concurrent_trials, default_workers(args, ray.cluster_resources().get("CPU", 0)),
+                               args.cpus_per_worker, args.gpus_per_worker)
+    if not args.skip_resource_check:
+        check_resources(resources, ray.cluster_resources(), cluster_nodes())
+    settings = trainable_mod.TrialSettings(
+        workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
+        gpus_per_worker=resources.gpus_per_worker, train_storage=f"{plan.storage}/{plan.experiment}/train_runs",
+        selection="source-val", max_failures=args.max_failures)
+    print(f"[domain-shift] {plan.experiment}: {len(plan.cells)} cells = {len(plan.arms)} arms "
+          f"({', '.join(plan.arms)}) x {len(plan.seeds)} seeds x {len(plan.source_sites)} source site(s); "
+          f"{cfg.optim.epochs} epochs; {resources.max_concurrent_trials} at a time", flush=True)
+
+    # 4. MLflow parent run (reopened on --resume).
+    manifest_path = plan.study_dir / "study.json"
+    previous = json.loads(manifest_path.read_text()) if args.resume and manifest_path.is_file() else {}
+    tags = {"study": plan.experiment, "role": "domain-shift study", "selection": "source-val",
+            "git_revision": git_revision(), "arms": ",".join(plan.arms), "seeds": ",".join(map(str, plan.seeds)),
+            "source_sites": ",".join(plan.source_sites)}
+    parent = start_parent_run(tracking_uri, plan.experiment, f"domain-shift-{plan.experiment}", tags,
+                              {"cells": len(plan.cells), **{f"arm.{a}": json.dumps(v) for a, v in plan.arms.items()},
+                               **asdict(resources)}, run_id=previous.get("parent_run_id"))
+    manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
+                "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
+                "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,
+                "resources": asdict(resources), "kind": "domain-shift"}
+    manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
+
+    # 5. The grid: one Tune trial per cell, no early stopping (every arm gets the same schedule).
+    trainable = tune.with_resources(trainable_mod.train_func, resources.trial_resources())
+    tuner_path = f"{plan.storage}/{plan.experiment}"
+    if args.resume and tune.Tuner.can_restore(tuner_path):
+        tuner = tune.Tuner.restore(tuner_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        space = trainable_mod.study_config(cfg, settings, {})
+        space["study.overrides"] = tune.grid_search(plan.cells)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=resources.max_concurrent_trials,
+                                        trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=tune.RunConfig(name=plan.experiment, storage_path=plan.storage,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[TrialRuns(tracking_uri, plan.experiment, parent, tags)]))
+    grid = tuner.fit()
+
+    # 6. One table of every case of every finished cell.
+    cases, cells = collect(grid, plan.study_dir, sweeps)
+    cases_csv = write_csv(cases, plan.study_dir / "cases.csv", CASE_COLUMNS)
+    write_csv(cells, plan.study_dir / "cells.csv")
+    done = [c for c in cells if c["status"] == "completed"]
+
+    # 7. Statistics and the report (on the unseen sites' every case; see the module docstring).
+    summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells,
+                               "wall_time_s": time.time() - started}
+    if cases:
+        meta = {"data": cfg.data.root, "source sites": plan.source_sites, "arms": list(plan.arms),
+                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished", "epochs": cfg.optim.epochs,
+                "selection": "best epoch on source validation (no unseen-site data)",
+                "unseen cases": "every case of each unseen site (selection and report parts)",
+                "wall_time_s": round(time.time() - started)}
+        paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
+                             meta, n_boot=args.n_boot)
+        summary["report"] = {k: str(v) for k, v in paths.items()}
+        _log_parent(tracking_uri, parent, plan.study_dir, paths)
+    summary["wall_time_s"] = time.time() - started
+    manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done))
+    manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
+    return summary
+
+
+def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for name in ("cases.csv", "cells.csv"):
+        client.log_artifact(parent, str(study_dir / name))
+    client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = prepare(args)
+        if args.address is None and not os.environ.get("RAY_ADDRESS"):
+            from studies.local_cluster import local_cluster
+
+            with local_cluster() as address:
+                args.address = address
+                summary = run_study(args, plan)
+        else:
+            summary = run_study(args, plan)
+    except (ConfigError, ResourceError) as exc:
+        print(f"studies/domain_shift.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    report = summary.get("report", {})
+    if "markdown" in report:
+        print(Path(report["markdown"]).read_text())
+    done = sum(c["status"] == "completed" for c in summary["cells"])
+    print(f"\n{done} of {len(summary['cells'])} cells finished. Report: {report.get('html', '(none)')}")
+    print(f"MLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    print(f"Study folder: {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
+    return 0 if done == len(summary["cells"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

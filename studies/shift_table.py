@@ -1,0 +1,74 @@
+"""The domain-shift study's tables: ``cases.csv`` (one row per case per cell) and ``cells.csv``.
+
+``cases.csv`` is what ``dualssl.stats`` and ``dualssl.report`` read: each finished cell's evaluation
+files (``per_case.csv``: source validation + the unseen sites' report part; ``oracle_per_case.csv``:
+their selection part) with the cell's arm, seed and source site, the case's role (``source`` /
+``unseen``), its part, and the severity-sweep axis and value of sweep sites.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+CASE_COLUMNS = ("arm", "seed", "source_site", "site", "case_id", "role", "part", "axis", "severity",
+                "dice", "jaccard", "nsd", "hd95", "asd", "pred_ml", "label_ml", "cell", "trial_id")
+
+
+def case_rows(folder: Path, cell: dict[str, Any], trial_id: str, sweeps: dict[str, dict[str, Any]],
+              sources: list[str]) -> list[dict[str, Any]]:
+    """Rows of ``cases.csv`` from one cell's evaluation files (report and oracle-selection parts)."""
+    rows = []
+    for name, part in (("per_case.csv", None), ("oracle_per_case.csv", "selection")):
+        path = folder / name
+        if not path.is_file():
+            continue
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                site = r["site"]
+                role = "source" if site in sources else "unseen"
+                sweep = sweeps.get(site, {})
+                rows.append({
+                    "arm": cell["study.arm"], "seed": cell["optim.seed"], "source_site": sources[0], "site": site,
+                    "case_id": r["case_id"], "role": role, "part": part or ("source" if role == "source" else "report"),
+                    "axis": sweep.get("axis", ""), "severity": sweep.get("value", ""),
+                    **{k: r.get(k, "") for k in ("dice", "jaccard", "nsd", "hd95", "asd", "pred_ml", "label_ml")},
+                    "cell": cell["study.cell"], "trial_id": trial_id})
+    return rows
+
+
+def collect(grid, study_dir: Path, sweeps: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-case rows of every finished cell, one status row per cell)."""
+    from studies.trainable import FINAL_KEY, split_config
+
+    cases: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    for result in grid:
+        cfg, settings = split_config(result.config)
+        cell = result.config["study.overrides"]
+        trial_id = Path(result.path).name.removeprefix("trial_")
+        metrics = dict(result.metrics or {})
+        row = {"cell": settings.cell, "arm": settings.arm, "seed": cfg.optim.seed,
+               "source_site": cfg.data.source_sites[0], "trial_id": trial_id,
+               "status": "completed" if metrics.get(FINAL_KEY) else ("error" if result.error else "incomplete"),
+               "best_val_dice": metrics.get(f"best_{cfg.eval.selection_metric}", math.nan),
+               "mean_unseen_dice": metrics.get("mean_unseen_dice", math.nan),
+               "best_epoch": metrics.get("best_epoch", -1)}
+        cells.append(row)
+        if row["status"] != "completed" or result.checkpoint is None:
+            continue
+        folder = study_dir / "cells" / settings.cell
+        result.checkpoint.to_directory(str(folder))
+        cases.extend(case_rows(folder, cell, trial_id, sweeps, cfg.data.source_sites))
+    return cases, cells
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] | None = None) -> Path:
+    columns = columns or tuple(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -1,0 +1,112 @@
+"""The domain-shift study: preflight errors (fast) and the smoke study end to end (slow: a real private
+Ray head, Ray Train cells, a real MLflow sqlite store, the report)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from studies.domain_shift import build_parser, make_cells, parse_seeds, prepare  # noqa: E402
+from studies.tune import StudyError  # noqa: E402
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_cells_are_the_product_of_arms_seeds_and_sources():
+    cells = make_cells({"plain": {"loss.lambda_con": 0.0}, "dual": {"loss.lambda_con": 0.1}}, [0, 1],
+                       ["a", "b"])
+    assert len(cells) == 8
+    assert {(c["study.arm"], c["optim.seed"], c["data.source_sites"][0]) for c in cells} == {
+        (arm, seed, src) for arm in ("plain", "dual") for seed in (0, 1) for src in ("a", "b")}
+    assert len({c["study.cell"] for c in cells}) == 8
+    assert [c["loss.lambda_con"] for c in cells if c["study.arm"] == "dual"] == [0.1] * 4
+
+
+def test_seeds_flag_takes_a_count_or_a_list():
+    assert parse_seeds(None, smoke=False) == [0, 1, 2]
+    assert parse_seeds(None, smoke=True) == [0, 1]
+    assert parse_seeds("5", smoke=False) == [0, 1, 2, 3, 4]
+    assert parse_seeds("7,11", smoke=False) == [7, 11]
+
+
+def test_preflight_names_every_problem_at_once(tmp_path, phantom_root):
+    with pytest.raises(StudyError) as info:
+        prepare(_args("--data", str(phantom_root), "--arms", "plain,duall", "--source-sites", "nowhere",
+                      "--seeds", "x", "--storage-path", str(tmp_path)))
+    message = str(info.value)
+    assert "--arms: unknown arm(s) duall" in message and "known: plain" in message
+    assert "--source-sites nowhere" in message and "cone_beam" in message  # lists the dataset's sites
+    assert "--seeds x" in message
+    assert not (tmp_path / "dualssl-domain-shift").exists()  # nothing written
+
+
+def test_arms_file_adds_an_arm_and_from_study_needs_dual(tmp_path, phantom_root):
+    arms = tmp_path / "arms.yaml"
+    arms.write_text("heavy_con:\n  loss.lambda_con: 1.0\n  loss.lambda_rec: 0.0\n")
+    plan = prepare(_args("--data", str(phantom_root), "--arms", "plain,heavy_con", "--arms-file", str(arms),
+                         "--storage-path", str(tmp_path)))
+    assert plan.arms["heavy_con"] == {"loss.lambda_con": 1.0, "loss.lambda_rec": 0.0}
+    assert len(plan.cells) == 2 * 3 and plan.source_sites == ["pv_standard"]
+    with pytest.raises(StudyError, match="has no 'dual'"):
+        prepare(_args("--data", str(phantom_root), "--arms", "plain", "--from-study", str(tmp_path),
+                      "--storage-path", str(tmp_path)))
+
+
+def test_leave_one_site_out_trains_on_every_site(tmp_path, phantom_root):
+    plan = prepare(_args("--data", str(phantom_root), "--leave-one-site-out", "--seeds", "1",
+                         "--storage-path", str(tmp_path)))
+    assert plan.source_sites == ["cone_beam", "native_thick", "pv_standard"]
+    assert len(plan.cells) == 2 * 3  # 2 arms x 1 seed x 3 sources
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_smoke_study_gives_one_run_per_cell_and_a_report(phantom_root, tmp_path):
+    import mlflow
+
+    storage = tmp_path / "studies"
+    done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
+                           "--data", str(phantom_root), "--storage-path", str(storage),
+                           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--n-boot", "500"],
+                          cwd=REPO, capture_output=True, text=True, timeout=880)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = storage / "dualssl-domain-shift-smoke"
+    manifest = json.loads((study / "study.json").read_text())
+    assert manifest["cells_done"] == 4
+
+    # MLflow: one parent, exactly one nested run per cell, tagged with its arm, seed and source site.
+    client = mlflow.MlflowClient(manifest["tracking_uri"])
+    parent = client.get_run(manifest["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in children) == [
+        ("dual", "0"), ("dual", "1"), ("plain", "0"), ("plain", "1")]
+    assert all(r.data.tags["source_site"] == "pv_standard" for r in children)
+    for run in children:
+        for site in ("cone_beam", "native_thick"):
+            assert f"site/{site}/dice_mean" in run.data.metrics
+    assert float(children[0].data.params["loss.lambda_con"]) in (0.0, 0.1)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md"} <= logged
+
+    # The case table: every cell scored every case of the unseen sites and its source validation.
+    with open(study / "cases.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cells = {r["cell"] for r in rows}
+    assert len(cells) == 4
+    unseen_per_cell = {c: sorted(r["case_id"] for r in rows if r["cell"] == c and r["role"] == "unseen")
+                       for c in cells}
+    expected = sorted(f"{site}_{i:03d}" for site in ("cone_beam", "native_thick") for i in range(5))
+    assert all(ids == expected for ids in unseen_per_cell.values()), unseen_per_cell
+    html = (study / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "dual" in html and "plain" in html
