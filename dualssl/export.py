@@ -10,9 +10,10 @@ A model folder holds::
 
 :func:`load_model` reads a folder or an MLflow model URI (``models:/dualssl-pancreas@champion``,
 ``runs:/<id>/model``) and returns ``(SegmentationNet, Config)``; ``dualssl.evaluation`` wraps the
-pair in its ``Predictor``. :func:`log_model` logs a folder with ``mlflow.pytorch.log_model`` (with a
-signature; the folder's files travel as ``extra_files`` so that a registry URI loads through the
-same safetensors path) and registers it under an alias. This module never imports Ray.
+pair in its ``Predictor``. :func:`log_model` logs a folder as an MLflow pyfunc (``dualssl/serving.py``
+as models from code, the folder as its artifact, pinned requirements, a signature; nothing pickled)
+and registers it under an alias; a registry URI loads through the same safetensors path. This module
+never imports Ray.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ TORCHSCRIPT_FILE = "model.ts"
 METADATA_FILE = "metadata.json"
 REGISTERED_MODEL_NAME = "dualssl-pancreas"
 CHAMPION_ALIAS = "champion"
+ORACLE_ALIAS = "oracle"
+"""Alias of a model chosen by unseen-site scores: reported, never deployed as the champion."""
 _URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
 
 
@@ -119,6 +122,20 @@ def _is_uri(source: str) -> bool:
     return any(str(source).startswith(s) for s in _URI_SCHEMES)
 
 
+def _pyfunc_artifact(model_dir: Path) -> Path:
+    """The model folder inside a downloaded pyfunc (``MLmodel`` names it), or ``model_dir`` itself."""
+    import yaml
+
+    from dualssl.serving import ARTIFACT
+
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return model_dir
+    pyfunc = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+    path = ((pyfunc.get("artifacts") or {}).get(ARTIFACT) or {}).get("path")
+    return model_dir / path if path else model_dir
+
+
 def _resolve_folder(source: str | Path, download_dir: str | Path | None = None) -> Path:
     """A local model folder for ``source`` (downloading an MLflow model URI when needed)."""
     if not _is_uri(str(source)):
@@ -132,7 +149,8 @@ def _resolve_folder(source: str | Path, download_dir: str | Path | None = None) 
 
     dst = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="dualssl-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=str(dst)))
-    for candidate in (local / "extra_files", local):
+    # pyfunc models name the folder among their artifacts; models logged before carried it as extra_files
+    for candidate in (_pyfunc_artifact(local), local / "extra_files", local):
         if (candidate / WEIGHTS_FILE).is_file():
             return candidate
     raise FileNotFoundError(f"{source}: the MLflow model has no {WEIGHTS_FILE}; log it with "
@@ -183,27 +201,33 @@ def model_signature(cfg: Config):
     )
 
 
+def pinned_requirements() -> list[str]:
+    """``pkg==version`` of the installed torch, MONAI, nibabel and safetensors (the pyfunc's needs)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "monai", "nibabel", "safetensors")]
+
+
 def log_model(model_dir: str | Path, *, registered_name: str | None = REGISTERED_MODEL_NAME,
               alias: str | None = CHAMPION_ALIAS, name: str = "model") -> dict[str, Any]:
-    """Log a model folder to the active MLflow run and (optionally) register it under an alias.
+    """Log a model folder to the active MLflow run as a pyfunc and (optionally) register it under an alias.
 
-    Call inside ``mlflow.start_run()``. Returns ``{"model_uri", "registered_uri", "version"}``
+    The pyfunc is ``dualssl/serving.py`` logged as models from code, with the folder as its artifact
+    (``artifacts/model_folder/``: safetensors, config, TorchScript, metadata): loading it unpickles
+    nothing. Call inside ``mlflow.start_run()``. Returns ``{"model_uri", "registered_uri", "version"}``
     (the last two None when ``registered_name`` is None).
     """
     import mlflow
 
+    from dualssl import serving
+
     if mlflow.active_run() is None:
         raise RuntimeError("dualssl.export.log_model: no active MLflow run; call it inside mlflow.start_run()")
-    model, cfg = load_model(model_dir)
-    folder = Path(model_dir)
-    extra = [str(folder / f) for f in (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE) if (folder / f).is_file()]
-    info = mlflow.pytorch.log_model(
-        model, name=name, signature=model_signature(cfg), extra_files=extra,
-        # pickle, not mlflow 3's default pt2: torch.export would pin the spatial sizes of one example
-        serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dualssl", "safetensors", "monai"],
+    _, cfg = load_model(model_dir)  # refuses an incomplete or inconsistent folder before logging it
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=serving.__file__, artifacts={serving.ARTIFACT: str(Path(model_dir))},
+        signature=model_signature(cfg), pip_requirements=pinned_requirements(),
         registered_model_name=registered_name, await_registration_for=60)
-    mlflow.log_artifacts(str(folder), artifact_path="model_folder")
     result: dict[str, Any] = {"model_uri": info.model_uri, "registered_uri": None, "version": None}
     if registered_name:
         version = info.registered_model_version

@@ -5,8 +5,9 @@
 Reads ``study.json`` and ``trials.json`` in the study folder, takes the best trial's best
 checkpoint (the epoch chosen by the selection metric, not the last one), writes
 ``STUDY/model`` (safetensors, config, TorchScript, metadata: ``dualssl.export``), logs it to the
-study's parent MLflow run with ``mlflow.pytorch.log_model`` and registers it as
-``dualssl-pancreas`` with the alias ``champion``. ``dualssl predict --model STUDY/model`` or
+study's parent MLflow run as a pyfunc (``dualssl.export.log_model``: no pickle) and registers it as
+``dualssl-pancreas`` with the alias ``champion``; a study with ``"selection": "oracle"`` (trials ranked
+on the unseen sites) is registered as ``@oracle`` instead and tagged not deployable. ``dualssl predict --model STUDY/model`` or
 ``--model models:/dualssl-pancreas@champion`` then segments NIfTI scans with it.
 """
 
@@ -24,7 +25,8 @@ if __package__ in (None, ""):  # `python studies/export_best.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualssl.config import Config  # noqa: E402
-from dualssl.export import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, export_model, log_model  # noqa: E402
+from dualssl.export import (CHAMPION_ALIAS, ORACLE_ALIAS, REGISTERED_MODEL_NAME, export_model,  # noqa: E402
+                            log_model)
 
 
 def read_study(study_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -37,8 +39,9 @@ def read_study(study_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    # the same rule as studies.finish.pick_best: only completed trials (not errored, not stopped) compete
     scored = [r for r in rows if isinstance(r.get("objective"), (int, float)) and math.isfinite(r["objective"])
-              and r.get("best_checkpoint")]
+              and r.get("best_checkpoint") and r.get("status", "completed") == "completed"]
     if not scored:
         raise ValueError("no trial of this study has a score and a checkpoint; nothing to export")
     return max(scored, key=lambda r: r["objective"])
@@ -73,8 +76,18 @@ def validation_dice(model_dir: str | Path, device: str = "cpu") -> float:
     return trainer.validate_volumes()
 
 
+ORACLE_WARNING = (f"false: trials were ranked on the unseen test sites (selection oracle); registered as "
+                  f"@{ORACLE_ALIAS}, not a deployable @{CHAMPION_ALIAS}")
+
+
+def registry_alias(manifest: dict[str, Any]) -> str:
+    """``champion`` for a fair (source-validation) selection, ``oracle`` when the test sites chose it."""
+    return ORACLE_ALIAS if manifest.get("selection") == "oracle" else CHAMPION_ALIAS
+
+
 def export_study(study_dir: str | Path, *, register: bool = True, out: str | Path | None = None) -> dict[str, Any]:
-    """Best trial -> ``STUDY/model`` (+ MLflow model, registered with alias champion). Returns paths/URIs."""
+    """Best trial -> ``STUDY/model`` (+ MLflow model, registered with alias champion, or oracle when the
+    study ranked trials on the unseen sites: such a model is never the champion). Returns paths/URIs."""
     import mlflow
 
     study_dir = Path(study_dir)
@@ -89,10 +102,15 @@ def export_study(study_dir: str | Path, *, register: bool = True, out: str | Pat
     result: dict[str, Any] = {"model_dir": str(model_dir), "registered_uri": None, "best_trial_id": best["trial_id"],
                               "config_hash": Config.from_dict(state["config"]).hash()}
     if register and manifest.get("tracking_uri"):
+        alias = registry_alias(manifest)
         mlflow.set_tracking_uri(manifest["tracking_uri"])
         with mlflow.start_run(run_id=manifest["parent_run_id"]):
-            logged = log_model(model_dir, registered_name=REGISTERED_MODEL_NAME, alias=CHAMPION_ALIAS)
+            logged = log_model(model_dir, registered_name=REGISTERED_MODEL_NAME, alias=alias)
+            if alias == ORACLE_ALIAS:
+                mlflow.set_tag("deployable", ORACLE_WARNING)
+                print(f"studies/export_best.py: {ORACLE_WARNING}", file=sys.stderr)
         result.update(logged)
+        result["alias"] = alias
     (study_dir / "export.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -32,3 +32,144 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+# --- a real tracking server: PostgreSQL + `mlflow server`, started by cluster/mlflow/serve.sh ---------
+
+SERVE_SCRIPT = REPO / "cluster" / "mlflow" / "serve.sh"
+POSTGRES_PACKAGE = "Debian's postgresql (apt-get install -y postgresql) and psycopg2-binary (pip)"
+
+
+def _missing(what: str) -> None:
+    """Skip outside CI; under CI (CI=true) the tracking-server tests must run, so fail instead."""
+    message = f"{what} missing: install {POSTGRES_PACKAGE} (.ci/run does)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _postgres_bin() -> Path:
+    """Debian's server binaries (/usr/lib/postgresql/N/bin), newest first; /usr/local/bin/initdb may link there."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]), reverse=True)
+    initdb = found[0] if found else shutil.which("initdb")
+    if not initdb:
+        _missing("PostgreSQL's initdb")
+    return Path(initdb).resolve().parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(check, what: str, timeout: float, log: Path | None = None) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except RuntimeError:  # the check saw the server die: no point in waiting
+            raise
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.is_file() else ""
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f} s\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def tracking_postgres():
+    """A PostgreSQL cluster on a free loopback port with database ``mlflow``; yields its connection info
+    (``host``, ``port``, ``user``, ``dbname``, ``password_file``). PostgreSQL refuses to run as root:
+    under root its binaries run as the ``postgres`` user (``runuser -u postgres --``)."""
+    import secrets
+    import shutil
+    import subprocess
+    import tempfile
+
+    try:
+        import psycopg2
+    except ImportError:
+        _missing("psycopg2")
+    bindir = _postgres_bin()
+    as_user: list[str] = []
+    home = Path(tempfile.mkdtemp(prefix="dualssl-pg-"))  # not under pytest's 0700 root-only tmp
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(home, "postgres", "postgres")
+    password_file = home / "password"
+    password_file.write_text(secrets.token_hex(16))
+    password_file.chmod(0o600)
+    if as_user:
+        shutil.chown(password_file, "postgres", "postgres")
+    info = {"host": "127.0.0.1", "port": _free_port(), "user": "mlflow", "dbname": "mlflow",
+            "password_file": str(password_file)}
+    data = home / "data"
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", info["user"], "-E", "UTF8",
+                    "--auth=scram-sha-256", f"--pwfile={password_file}"], check=True, capture_output=True)
+    log = home / "postgres.log"
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "start", "-o",
+                    f"-h 127.0.0.1 -p {info['port']} -k {home}"], check=True, capture_output=True)
+    try:
+        def connect(dbname: str):
+            return psycopg2.connect(host=info["host"], port=info["port"], user=info["user"], dbname=dbname,
+                                    password=password_file.read_text(), connect_timeout=5)
+
+        _wait_for(lambda: connect("postgres").close() is None, "PostgreSQL", 60, log)
+        conn = connect("postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield {**info, "connect": lambda: connect(info["dbname"])}
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tracking_postgres, tmp_path_factory) -> str:
+    """``mlflow server`` on PostgreSQL, artifacts in a shared temp folder, on 127.0.0.1: its URI.
+
+    Flags and environment come from cluster/mlflow/serve.sh, the recipe the cluster configs run
+    (the password travels as a file, never as an argument)."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    port = _free_port()
+    root = tmp_path_factory.mktemp("mlflow-server")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_DB_HOST": tracking_postgres["host"], "MLFLOW_DB_PORT": str(tracking_postgres["port"]),
+           "MLFLOW_DB_PASSWORD_FILE": tracking_postgres["password_file"], "MLFLOW_ARTIFACTS": str(root / "artifacts"),
+           "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2"}
+    log = root / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(SERVE_SCRIPT)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                return r.status == 200
+
+        _wait_for(healthy, f"mlflow server at {uri}", 180, log)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: it and its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,7 +47,7 @@ def test_launcher_yaml_passes_ray_validation_and_has_gpu_workers():
     gpu_types = [t for t in prepared["available_node_types"].values() if t["resources"].get("GPU", 0) >= 1]
     assert gpu_types and all(t["max_workers"] >= 1 for t in gpu_types)
     start = " ".join(prepared["head_start_ray_commands"])
-    assert "mlflow server" in start and "--backend-store-uri" in start
+    assert "cluster/mlflow/serve.sh" in start and "MLFLOW_BACKEND_STORE_URI=sqlite:" in start
     assert any("/mnt/shared" in c for c in prepared["initialization_commands"])
 
 
@@ -68,15 +71,15 @@ def test_kuberay_manifests_pass_schema_and_ray_autoscaler_derivation(name):
     derived = _derive_autoscaling_config_from_ray_cr(cr)  # runs Ray's validate_config itself
     gpu = derived["available_node_types"]["gpu"]
     assert gpu["resources"]["GPU"] == 1 and gpu["max_workers"] >= 1
-    mounts = [m["mountPath"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])]
-    assert mounts.count("/mnt/shared") == 1 + len(spec["workerGroupSpecs"])
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:  # the Ray container of every group
+        ray_container = group["template"]["spec"]["containers"][0]
+        assert "/mnt/shared" in [m["mountPath"] for m in ray_container["volumeMounts"]]
 
 
 def test_rayjob_runs_the_study_with_shared_storage_and_mlflow_server():
     (job,) = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
     args = _tune_args(job["spec"]["entrypoint"])
-    assert args.storage_path.startswith("/mnt/shared/") and args.mlflow_tracking_uri.startswith("http://mlflow")
+    assert args.storage_path.startswith("/mnt/shared/") and args.mlflow_tracking_uri == "http://127.0.0.1:5000"
     assert args.gpus_per_worker >= 1
     from dualssl.config import Config
 
@@ -96,17 +99,19 @@ def test_kuberay_schema_rejects_a_worker_group_without_max_replicas():
 
 
 def test_mlflow_and_storage_manifests_are_valid_kubernetes_objects():
-    docs = _docs(CLUSTER / "mlflow" / "mlflow.yaml") + _docs(CLUSTER / "kuberay" / "shared-storage.yaml")
+    docs = [*_docs(CLUSTER / "mlflow" / "mlflow.yaml"), *_docs(CLUSTER / "kuberay" / "shared-storage.yaml"),
+            *_docs(CLUSTER / "kuberay" / "network-policy.yaml")]
     schema = _schema("kubernetes.schema.json")
     for doc in docs:
         jsonschema.validate(doc, schema)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim"} <= kinds
-    server = next(d for d in docs if d["kind"] == "Deployment")
-    command = " ".join(server["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert "--backend-store-uri postgresql://" in command
+    assert {"StatefulSet", "Service", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
     pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    bad = copy.deepcopy(next(d for d in docs if d["kind"] == "NetworkPolicy"))
+    bad["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP"}]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
 
 
 def test_runtime_env_is_accepted_by_ray():
@@ -123,3 +128,149 @@ def test_launcher_comment_command_parses():
     command = " ".join(ln for ln in lines[start:] if ln and not ln.startswith("("))
     args = _tune_args(command)
     assert args.storage_path == "/mnt/shared/studies" and args.gpus_per_worker == 1
+
+
+# --- secure defaults: loopback listeners, no world-writable storage, passwords only from secrets ------
+
+KUBERAY = ["raycluster.yaml", "rayjob.yaml"]
+
+
+def _ray_cluster_spec(name: str) -> dict:
+    (doc,) = _docs(CLUSTER / "kuberay" / name)
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def _pod_specs(name: str) -> list[tuple[str, dict]]:
+    spec = _ray_cluster_spec(name)
+    return [("head", spec["headGroupSpec"]["template"]["spec"]),
+            *[(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]]
+
+
+def _all_manifests() -> list[tuple[str, dict]]:
+    return [(str(path.relative_to(CLUSTER)), doc) for path in sorted(CLUSTER.rglob("*.yaml")) for doc in _docs(path)]
+
+
+def _walk(node, path=""):
+    """(dotted path, value) of every scalar of a parsed YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def _serve_script_command() -> str:
+    lines = (CLUSTER / "mlflow" / "serve.sh").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("exec mlflow server"))
+    return " ".join(ln.rstrip("\\\\").strip() for ln in lines[start:start + 4])
+
+
+def test_the_mlflow_recipe_listens_on_loopback_only():
+    command = _serve_script_command()
+    assert "--host 127.0.0.1" in command and command.count("--host") == 1
+    assert "--backend-store-uri" in command and "--serve-artifacts" in command
+
+
+def test_launcher_dashboard_and_mlflow_listen_on_the_head_loopback():
+    raw = yaml.safe_load((CLUSTER / "ray-cluster.gpu.yaml").read_text())
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+    assert "cluster/mlflow/serve.sh" in start and "mlflow server" not in start  # the one recipe, on 127.0.0.1
+    text = (CLUSTER / "ray-cluster.gpu.yaml").read_text()
+    assert "0.0.0.0" not in text and "http://HEAD_IP" not in text
+
+
+def test_kuberay_heads_run_mlflow_beside_them_on_loopback():
+    for name in KUBERAY:
+        head = _pod_specs(name)[0][1]
+        (mlflow,) = [c for c in head["containers"] if c["name"] == "mlflow"]
+        assert mlflow["command"][-1].endswith("cluster/mlflow/serve.sh")
+        assert "httpGet" not in mlflow["readinessProbe"]  # a kubelet probe could not reach 127.0.0.1
+        assert "127.0.0.1:5000" in " ".join(mlflow["readinessProbe"]["exec"]["command"])
+    assert _ray_cluster_spec("raycluster.yaml")["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_the_one_dashboard_off_loopback_is_fenced_by_a_network_policy():
+    """RayJob's operator polls the job through the head Service: only it and the namespace get in."""
+    off_loopback = [(name, path) for name, doc in _all_manifests() for path, value in _walk(doc)
+                    if value == "0.0.0.0" or (isinstance(value, str) and "0.0.0.0" in value)]
+    assert off_loopback == [("kuberay/rayjob.yaml", "spec.rayClusterSpec.headGroupSpec.rayStartParams.dashboard-host")]
+    (policy,) = _docs(CLUSTER / "kuberay" / "network-policy.yaml")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    same_namespace, operator = policy["spec"]["ingress"]
+    assert same_namespace == {"from": [{"podSelector": {}}]}  # no namespaceSelector: this namespace only
+    assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    (db_policy,) = [d for d in _docs(CLUSTER / "mlflow" / "mlflow.yaml") if d["kind"] == "NetworkPolicy"]
+    assert db_policy["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"ray.io/node-type": "head"}}}]
+
+
+def test_shared_storage_is_group_writable_not_world_writable():
+    for path in sorted(CLUSTER.rglob("*")):
+        if path.is_file() and path.suffix in {".yaml", ".sh", ""} | {".md"}:
+            text = path.read_text()
+            for bad in ("chmod 777", "chmod -R 777", "chmod a+w", "chmod o+w", "chmod 0777"):
+                assert bad not in text, f"{path}: {bad}"
+    raw = yaml.safe_load((CLUSTER / "ray-cluster.gpu.yaml").read_text())
+    init = " ".join(raw["initialization_commands"])
+    assert "chown 1000:100 /mnt/shared" in init and "chmod 2775 /mnt/shared" in init  # setgid, group rwx
+    for name in KUBERAY:
+        for group, pod in _pod_specs(name):
+            if any(m["mountPath"] == "/mnt/shared" for c in pod["containers"] for m in c.get("volumeMounts", [])):
+                assert pod.get("securityContext", {}).get("fsGroup") == 100, f"{name}: {group} lacks fsGroup 100"
+
+
+_URI_WITH_PASSWORD = re.compile(r"://[^/\s@:]+:[^/\s@]+@")
+
+
+def test_database_passwords_come_only_from_secrets():
+    for name, doc in _all_manifests():
+        for path, value in _walk(doc):
+            assert not (isinstance(value, str) and _URI_WITH_PASSWORD.search(value)), f"{name}: {path}"
+        for path, value in _walk(doc):
+            if path.endswith(".name") and re.search(r"PASSWORD|SECRET|TOKEN", str(value)):
+                env = _lookup(doc, path.rsplit(".", 1)[0])
+                if str(value).endswith("_FILE"):  # a file: it must lie on a Secret volume
+                    assert env["value"].startswith("/etc/mlflow-db/"), f"{name}: {path}"
+                else:
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{name}: {path}"
+    containers = [c for name in KUBERAY for _, pod in _pod_specs(name) for c in pod["containers"]]
+    containers += [c for d in _docs(CLUSTER / "mlflow" / "mlflow.yaml") if d["kind"] == "StatefulSet"
+                   for c in d["spec"]["template"]["spec"]["containers"]]
+    for c in containers:
+        argv = " ".join(c.get("command", []) + c.get("args", []))
+        assert "PASSWORD" not in argv and "$(" not in argv, c["name"]
+        for mount in c.get("volumeMounts", []):
+            if mount["mountPath"] == "/etc/mlflow-db":
+                assert mount["readOnly"] is True
+    text = (CLUSTER / "README.md").read_text()
+    assert "--from-literal=password=" not in text.replace('--from-literal=password="$(openssl rand', "")
+
+
+def _lookup(doc, dotted: str):
+    node = doc
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    return node
+
+
+def _serve(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
+    return subprocess.run(["bash", str(CLUSTER / "mlflow" / "serve.sh")], env={**base, **env},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_serve_script_refuses_a_password_in_the_store_uri_or_a_missing_password_file(tmp_path):
+    art = str(tmp_path / "artifacts")
+    out = _serve({"MLFLOW_ARTIFACTS": art, "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow:hunter2@db:5432/mlflow"},
+                 tmp_path)
+    assert out.returncode == 2 and "MLFLOW_DB_PASSWORD_FILE" in out.stderr and "hunter2" not in out.stderr
+    out = _serve({"MLFLOW_ARTIFACTS": art, "MLFLOW_DB_HOST": "db", "MLFLOW_DB_PASSWORD_FILE": str(tmp_path / "no")},
+                 tmp_path)
+    assert out.returncode == 2 and "is not a readable file" in out.stderr
+    out = _serve({"MLFLOW_DB_HOST": "db"}, tmp_path)
+    assert out.returncode == 2 and "MLFLOW_ARTIFACTS" in out.stderr

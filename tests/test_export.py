@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +15,8 @@ from dualssl.engine.checkpoint import save_checkpoint
 from dualssl.export import (CONFIG_FILE, METADATA_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE, export_model,
                             load_model, log_model)
 from dualssl.models import SegmentationNet, build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/
 
 
 def _checkpoint(tmp_path):
@@ -27,6 +32,14 @@ def _checkpoint(tmp_path):
              "epoch": 3, "best_metric": 0.5, "best_epoch": 2}
     path = save_checkpoint(tmp_path / "checkpoint.pt", state)
     return path, net, cfg
+
+
+def _sqlite_store(tmp_path, experiment: str) -> None:
+    """A real sqlite tracking store with its artifacts under tmp_path (not ./mlruns)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(experiment, str(tmp_path / "artifacts")))
 
 
 def test_folder_round_trip_reproduces_logits_and_config(tmp_path):
@@ -72,8 +85,7 @@ def test_log_model_registers_champion_that_loads_back(tmp_path):
 
     path, net, _ = _checkpoint(tmp_path)
     folder = export_model(path, tmp_path / "model")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("export-test")
+    _sqlite_store(tmp_path, "export-test")
     with pytest.raises(RuntimeError, match="no active MLflow run"):
         log_model(folder)
     with mlflow.start_run():
@@ -87,4 +99,78 @@ def test_log_model_registers_champion_that_loads_back(tmp_path):
     x = torch.rand(1, 1, 32, 32, 16)
     with torch.no_grad():
         assert torch.equal(model(x), SegmentationNet(net).eval()(x))
+    mlflow.set_tracking_uri("")
+
+
+def test_registered_model_is_a_pyfunc_that_loads_without_unpickling(tmp_path):
+    import mlflow
+
+    from dualssl.export import pinned_requirements
+
+    path, net, _ = _checkpoint(tmp_path)
+    folder = export_model(path, tmp_path / "model")
+    _sqlite_store(tmp_path, "pyfunc-test")
+    try:
+        with mlflow.start_run():
+            logged = log_model(folder)
+        local = Path(mlflow.artifacts.download_artifacts(logged["registered_uri"], dst_path=str(tmp_path / "dl")))
+        files = sorted(str(f.relative_to(local)) for f in local.rglob("*") if f.is_file())
+        pickled = [f for f in files if f.endswith((".pkl", ".pth", ".pickle")) or f.startswith("data/")]
+        assert not pickled, f"pickled objects in the registered model: {pickled}"
+        assert "artifacts/model/model.safetensors" in files and "serving.py" in files
+        requirements = (local / "requirements.txt").read_text().split()
+        assert set(pinned_requirements()) <= set(requirements)
+        assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+
+        pyfunc = mlflow.pyfunc.load_model(logged["registered_uri"])
+        x = torch.rand(1, 1, 32, 32, 16)  # one window of data.patch_size: the blend is the identity
+        logits = pyfunc.predict(x.numpy())
+        with torch.no_grad():
+            expected = SegmentationNet(net).eval()(x).numpy()
+        assert logits.shape == (1, 2, 32, 32, 16)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+        bigger = pyfunc.predict(torch.rand(1, 1, 40, 36, 20).numpy())  # several windows
+        assert bigger.shape == (1, 2, 40, 36, 20) and np.isfinite(bigger).all()
+        model, _ = load_model(logged["registered_uri"], download_dir=tmp_path / "dl2")
+        with torch.no_grad():
+            assert torch.equal(model(x), SegmentationNet(net).eval()(x))
+    finally:
+        mlflow.set_tracking_uri("")
+
+
+@pytest.mark.parametrize("selection, alias", [("source-val", "champion"), ("oracle", "oracle")])
+def test_oracle_selected_study_is_never_registered_as_champion(tmp_path, capsys, selection, alias):
+    import mlflow
+
+    from studies.export_best import main
+    from studies.train_loop import CHECKPOINT_FILE
+
+    path, _, _ = _checkpoint(tmp_path)
+    trial_dir = tmp_path / "runs" / "trial_0" / "checkpoint_000002"
+    trial_dir.mkdir(parents=True)
+    path.rename(trial_dir / CHECKPOINT_FILE)
+    _sqlite_store(tmp_path, "study")
+    with mlflow.start_run(run_name="study") as parent:
+        pass
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({
+        "experiment": "study", "selection": selection, "source_sites": ["pv_standard"], "storage": str(tmp_path),
+        "tracking_uri": mlflow.get_tracking_uri(), "parent_run_id": parent.info.run_id}))
+    (study / "trials.json").write_text(json.dumps([
+        {"trial_id": "t0", "objective": 0.6, "best_checkpoint": str(trial_dir), "metrics": {"best_val_dice": 0.6}},
+        {"trial_id": "t1", "objective": None, "best_checkpoint": None}]))
+    assert main(["--study", str(study)]) == 0
+    err = capsys.readouterr().err
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("dualssl-pancreas", alias)
+    aliases = client.get_registered_model("dualssl-pancreas").aliases
+    assert set(aliases) == {alias} and str(aliases[alias]) == str(version.version)
+    exported = json.loads((study / "export.json").read_text())
+    assert exported["registered_uri"] == f"models:/dualssl-pancreas@{alias}" and exported["alias"] == alias
+    deployable = client.get_run(parent.info.run_id).data.tags.get("deployable")
+    if selection == "oracle":
+        assert "not a deployable @champion" in err and deployable.startswith("false")
+    else:
+        assert "oracle" not in err and deployable is None
     mlflow.set_tracking_uri("")
