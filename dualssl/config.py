@@ -16,13 +16,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+# Fields with a fixed set of values are typed with these Literals: ``Config.set`` refuses anything
+# else and lists the allowed values; ``Config.validate`` checks them again after plain assignment.
+DomainAug = Literal["none", "bigaug", "randconv", "gin"]
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+RecLoss = Literal["l1", "mse"]
+ValidationMetric = Literal["val_dice", "val_dice_patch"]
 
-DOMAIN_AUGS = ("none", "bigaug", "randconv", "gin")
+DOMAIN_AUGS: tuple[str, ...] = typing.get_args(DomainAug)
+AMP_MODES: tuple[str, ...] = typing.get_args(AmpMode)
+REC_LOSSES: tuple[str, ...] = typing.get_args(RecLoss)
+VALIDATION_METRICS: tuple[str, ...] = typing.get_args(ValidationMetric)
+"""The metrics ``Trainer.validate`` reports each epoch (``dualssl.engine.fit``): ``val_dice`` = Dice of
+whole source-validation volumes, ``val_dice_patch`` = Dice on source-validation patches. Only these
+can be ``eval.selection_metric`` or ``eval.cheap_metric``."""
 
 
 class ConfigError(ValueError):
@@ -59,7 +74,7 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
     """Standard augmentation of the training patches (flips, rotation/scale, gamma, intensity, noise)."""
-    domain_aug: str = "none"
+    domain_aug: DomainAug = "none"
     """Domain-generalisation augmentation applied after the standard one: 'none', 'bigaug', 'randconv'
     or 'gin' (``dualssl/data/augment/``)."""
 
@@ -76,7 +91,8 @@ class DataConfig:
         _check(self.samples_per_volume >= 1, "data.samples_per_volume", "must be >= 1")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.domain_aug in DOMAIN_AUGS, "data.domain_aug", f"choose one of {', '.join(DOMAIN_AUGS)}")
+        _check(self.domain_aug in DOMAIN_AUGS, "data.domain_aug",
+               f"{self.domain_aug!r} is not allowed; choose one of {', '.join(DOMAIN_AUGS)}")
 
 
 @dataclass
@@ -120,8 +136,12 @@ class LossConfig:
     """Widen the band with voxels where the current prediction's entropy is high."""
     entropy_threshold: float = 0.5
     """Normalised entropy (0..1, entropy / log K) above which a voxel joins the band."""
-    rec_loss: str = "l1"
+    rec_loss: RecLoss = "l1"
     """'l1' or 'mse' on the corrupted voxels."""
+    rec_crop: float = 0.5
+    """Side of the restoration forward's crop (the corrupted input, centred on a random band voxel)
+    as a fraction of the patch side per axis, rounded to a multiple of 8; 1.0 = the whole patch.
+    0.5 (1/8 of the voxels) keeps a dual-SSL step within 1.25x a plain one (benchmarks/step_cost.py)."""
     ring_kernel: tuple[int, int] = (10, 20)
     """Range of k (voxels, full resolution) of the k x k x (k-3) dilation giving the negative ring."""
     min_pos_voxels: int = 10
@@ -144,6 +164,8 @@ class LossConfig:
         _check(0.0 <= self.corruption_ratio <= 1.0, "loss.corruption_ratio", "must lie in [0, 1]")
         _check(self.band_mm > 0, "loss.band_mm", "must be > 0 mm")
         _check(self.rec_loss in ("l1", "mse"), "loss.rec_loss", "choose 'l1' or 'mse'")
+        _check(0.0 < self.rec_crop <= 1.0, "loss.rec_crop",
+               "a fraction of the patch side in (0, 1], e.g. 0.5 (1.0 = the whole patch)")
         _check(len(self.ring_kernel) == 2 and 4 <= self.ring_kernel[0] <= self.ring_kernel[1],
                "loss.ring_kernel", "(k_min, k_max) with 4 <= k_min <= k_max")
         _check(0.0 <= self.entropy_threshold <= 1.0, "loss.entropy_threshold",
@@ -162,11 +184,14 @@ class OptimConfig:
     epochs: int = 150
     steps_per_epoch: int = 0
     """0 = one pass over the training loader per epoch."""
-    amp: str = "auto"
+    amp: AmpMode = "auto"
     """'auto' (bf16 on CUDA if supported, else fp16; off on CPU), 'bf16', 'fp16' or 'off'."""
     grad_clip: float = 12.0
     seed: int = 2022
     deterministic: bool = False
+    max_nonfinite_steps: int = 5
+    """A step whose loss (any part) or gradient is not finite is skipped (no weight change) and
+    counted; this many in a row stop the run with an error naming the epoch and the part."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
@@ -176,6 +201,8 @@ class OptimConfig:
         _check(self.steps_per_epoch >= 0, "optim.steps_per_epoch", "must be >= 0 (0 = one loader pass)")
         _check(self.amp in ("auto", "bf16", "fp16", "off"), "optim.amp", "choose auto, bf16, fp16 or off")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+        _check(self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
+               "must be >= 1 (consecutive non-finite steps tolerated before the run stops)")
 
 
 @dataclass
@@ -187,15 +214,20 @@ class EvalConfig:
     sw_overlap: float = 0.25
     tta_flips: bool = False
     keep_largest: bool = True
-    cheap_metric: str = "val_dice_patch"
-    """Per-epoch metric for early stopping (ASHA): Dice on validation patches."""
-    selection_metric: str = "val_dice"
-    """Metric for choosing the best checkpoint: whole-volume Dice on source validation cases."""
+    cheap_metric: ValidationMetric = "val_dice_patch"
+    """Per-epoch metric for early stopping (ASHA): Dice on validation patches (one of ``VALIDATION_METRICS``)."""
+    selection_metric: ValidationMetric = "val_dice"
+    """Metric for choosing the best checkpoint: whole-volume Dice on source validation cases
+    (one of ``VALIDATION_METRICS``)."""
 
     def validate(self) -> None:
         _check(self.val_every >= 1, "eval.val_every", "must be >= 1")
         _check(self.sw_batch_size >= 1, "eval.sw_batch_size", "must be >= 1")
         _check(0.0 <= self.sw_overlap < 1.0, "eval.sw_overlap", "must lie in [0, 1)")
+        for name in ("cheap_metric", "selection_metric"):
+            value = getattr(self, name)
+            _check(value in VALIDATION_METRICS, f"eval.{name}",
+                   f"{value!r} is not a metric the trainer reports; choose one of {', '.join(VALIDATION_METRICS)}")
 
 
 @dataclass
@@ -209,8 +241,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
+        """Check every section, every fixed-choice field, and what the sections must agree on."""
         for f in fields(self):
-            getattr(self, f.name).validate()
+            section = getattr(self, f.name)
+            _check_choices(section, f.name)
+            section.validate()
+        _check(self.model.num_classes == 2, "model.num_classes",
+               f"{self.model.num_classes} classes cannot be trained: the data layer merges every label into "
+               f"{{0, 1}} (MSD tumour 2 -> pancreas 1), so only background/pancreas exist; set model.num_classes=2")
         return self
 
     # --- conversions -----------------------------------------------------------------------
@@ -291,35 +329,104 @@ def _split_kv(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _check_choices(section: Any, prefix: str) -> None:
+    """Every ``Literal``-typed field of ``section`` holds one of its allowed values."""
+    for key, hint in typing.get_type_hints(type(section)).items():
+        if typing.get_origin(hint) is Literal:
+            value, allowed = getattr(section, key), typing.get_args(hint)
+            _check(value in allowed, f"{prefix}.{key}",
+                   f"{value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(hint: Any, value: Any, name: str) -> Any:
+    """``value`` as the field's type, without rounding or guessing; errors name the field.
+
+    ``int``: whole numbers only (``3``, ``3.0``, ``"3"``); ``1.5``, ``"1.5"`` and booleans are errors.
+    ``bool``: ``True``/``False``, the integers 0/1 and the strings true/false, yes/no, on/off, 1/0;
+    any other number (``2``, ``1.0``) is an error. ``float``: finite numbers (not booleans).
+    ``str``: strings (and paths) only. ``Literal[...]``: one of the listed strings. Tuples and lists
+    accept a sequence or a comma-separated string (``"1.5,1.5,2"``).
+    """
     origin = typing.get_origin(hint)
-    try:
-        if origin in (tuple, list):
-            if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").replace("[", "")
-                         .replace("]", "").split(",") if v.strip()]
-            args = typing.get_args(hint)
-            elem = args[0] if args else str
-            items = [_coerce(elem, v, name) for v in value]
-            if origin is tuple and args and args[-1] is not Ellipsis and len(items) != len(args):
-                raise ConfigError(f"{name}: expected {len(args)} values, got {len(items)}")
-            return tuple(items) if origin is tuple else items
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from exc
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.replace("(", "").replace(")", "").replace("[", "")
+                     .replace("]", "").split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list of values, got {value!r}; write e.g. {name}=a,b")
+        args = typing.get_args(hint)
+        elem = args[0] if args else str
+        items = [_coerce(elem, v, name) for v in value]
+        if origin is tuple and args and args[-1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f"{name}: expected {len(args)} values, got {len(items)}")
+        return tuple(items) if origin is tuple else items
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, str) and value.strip() in allowed:
+            return value.strip()
+        hint_yaml = " (unquoted on/off/yes/no in YAML are booleans: quote the value)" \
+            if isinstance(value, bool) else ""
+        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of "
+                          f"{', '.join(map(str, allowed))}{hint_yaml}")
+    if hint is bool:
+        return _to_bool(value, name)
+    if hint is int:
+        return _to_int(value, name)
+    if hint is float:
+        return _to_float(value, name)
+    if hint is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value) if isinstance(value, os.PathLike) else value
+        raise ConfigError(f"{name}: expected text, got {type(value).__name__} {value!r}; quote it")
     return value
+
+
+def _to_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":  # numpy bool too
+        return bool(value)
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(int(value))
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{name}: cannot read {value!r} as a boolean; use true or false (or 1/0)")
+
+
+def _to_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a whole number, got the boolean {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    number: float | None = None
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+    if number is not None and math.isfinite(number) and number.is_integer():
+        return int(number)
+    raise ConfigError(f"{name}: cannot read {value!r} as a whole number (int); values are never rounded, "
+                      f"give e.g. {name}=3")
+
+
+def _to_float(value: Any, name: str) -> float:
+    number: float | None = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None:
+        raise ConfigError(f"{name}: cannot read {value!r} as a number (float); give e.g. {name}=0.1")
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}: {value!r} is not a finite number")
+    return number

@@ -1,13 +1,25 @@
-"""A trial's best checkpoint measured on every unseen site.
+"""A trial's best checkpoint measured on the source validation cases and on every unseen site.
 
 :func:`evaluate_checkpoint` runs where the trial's workers ran (a Ray task with one worker's CPU
-and GPU, see :func:`remote_evaluate`); it returns the site summary of
-``dualssl.evaluation.run.evaluate_cases`` plus the files it wrote (per-case CSV, summary.json), so
-the caller can log them wherever it likes. :func:`flat_metrics` turns the summary into the flat
-metric names that Tune results and MLflow share::
+and GPU, see :func:`remote_evaluate`). Every case goes through the same path
+(``dualssl.evaluation.run.evaluate_cases``: prediction back on the original grid, the same metrics),
+so the source site's validation Dice sits beside the unseen sites' like for like.
 
-    site/<site>/dice_mean, site/<site>/dice_std, site/<site>/hd95_mean, ... (every unseen site)
-    mean_unseen_dice, worst_site_dice, std_across_sites, stability
+Each unseen site's cases are split once (``dualssl.data.datalist.split_selection_report``, seeded by
+``data.split_seed``) into a REPORT part and a SELECTION part, as DomainBed's test-domain oracle does:
+
+* the reported summary (``per_case.csv``, ``summary.json``) holds the source validation cases
+  (``source: true``) and the report part of every unseen site; ``across_sites`` is over the unseen
+  sites only;
+* the oracle summary (``oracle_per_case.csv``, ``oracle_summary.json``, ``summary["oracle"]``) holds
+  the selection part only. Only it may be used to rank trials on unseen sites.
+
+:func:`flat_metrics` turns a summary into the flat names that Tune results and MLflow share::
+
+    site/<site>/<key>          for every key in PER_SITE_KEYS (source site and unseen sites)
+    <key>                      for every key in ACROSS_KEYS (unseen sites only)
+    oracle/site/<site>/<key>   the same from the selection part (unseen sites only)
+    oracle/<key>               e.g. oracle/mean_unseen_dice
 """
 
 from __future__ import annotations
@@ -21,28 +33,47 @@ import ray
 import torch
 
 from dualssl.config import Config
+from dualssl.evaluation.metrics import ACROSS_KEYS as _ACROSS, SITE_KEYS, summarise
 
-PER_SITE_KEYS = ("dice_mean", "dice_std", "hd95_mean", "hd95_std", "asd_mean", "asd_std")
-ACROSS_KEYS = ("mean_unseen_dice", "worst_site_dice", "std_across_sites", "stability")
-# dualssl.evaluation.metrics.summarise names the first two "dice_mean" (mean of site means) and
-# "dice_std" (std of site means) inside across_sites; either spelling is read.
-_ACROSS_ALIASES = {"mean_unseen_dice": "dice_mean", "std_across_sites": "dice_std"}
+PER_SITE_KEYS: tuple[str, ...] = ("source", *SITE_KEYS)
+"""Per-site numbers under ``site/<site>/<key>`` (``source`` is 1.0 for a source site, else 0.0)."""
+ACROSS_KEYS: tuple[str, ...] = _ACROSS
+"""``mean_unseen_dice, worst_site_dice, std_across_sites, stability, failure_rate`` (unseen sites only)."""
+ORACLE_PREFIX = "oracle/"
+"""Prefix of the numbers measured on the selection part of the unseen sites."""
 
 
-def unseen_cases(cfg: Config) -> list:
-    """The test cases of every site that is not a source site (the split the engine uses)."""
-    from dualssl.data.datalist import load_datalist, split_cases
+def is_cross_metric(name: str) -> bool:
+    """Whether a flat metric name comes from :func:`flat_metrics` (reported or oracle)."""
+    name = name.removeprefix(ORACLE_PREFIX)
+    return name.startswith("site/") or name in ACROSS_KEYS
+
+
+def evaluation_parts(cfg: Config) -> dict[str, list]:
+    """The cases a trial is evaluated on, split as the engine and the oracle split them.
+
+    Returns ``{"source": source validation cases, "report": report part of every unseen site,
+    "selection": selection part of every unseen site}`` (each sorted by site, then case id).
+    """
+    from dualssl.data.datalist import load_datalist, split_cases, split_selection_report
 
     split = split_cases(load_datalist(cfg.data.root), cfg.data.source_sites, cfg.data.val_fraction,
                         cfg.data.split_seed)
-    return [case for site in sorted(split.test) if site not in cfg.data.source_sites for case in split.test[site]]
+    unseen = {site: cases for site, cases in split.test.items() if site not in cfg.data.source_sites}
+    selection, report = split_selection_report(unseen, cfg.data.split_seed)
+    flatten = lambda parts: [case for site in sorted(parts) for case in parts[site]]  # noqa: E731
+    return {"source": sorted(split.val, key=lambda c: (c.site, c.case_id)), "report": flatten(report),
+            "selection": flatten(selection)}
 
 
 def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: str | None = None,
                         threads: int = 0) -> dict[str, Any]:
-    """Evaluate a Ray Train checkpoint (folder with ``checkpoint.pt``) on the unseen sites.
+    """Evaluate a Ray Train checkpoint (folder with ``checkpoint.pt``) on source validation and unseen sites.
 
-    Returns ``{"summary": evaluate_cases summary, "files": {name: bytes}, "epoch": int}``.
+    Returns ``{"summary": reported summary with summary["oracle"] = the selection part's summary,
+    "files": {name: bytes}, "epoch": int}``; the files are ``per_case.csv``, ``summary.json``,
+    ``oracle_per_case.csv`` and ``oracle_summary.json`` (the oracle files are absent when no unseen
+    site has two or more cases, and then ``summary["oracle"]`` has no sites).
     """
     from dualssl.engine import load_checkpoint
     from dualssl.evaluation.inference import Predictor
@@ -62,9 +93,21 @@ def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: s
     net.load_state_dict(state["model"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
+    parts = evaluation_parts(cfg)
+    sources = cfg.data.source_sites
+    files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="dualssl-eval-") as tmp:
-        summary = evaluate_cases(predictor, unseen_cases(cfg), cfg, tmp, cfg.data.source_sites)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        summary = evaluate_cases(predictor, parts["source"] + parts["report"], cfg, Path(tmp) / "report",
+                                 sources, meta={"part": "source validation + unseen report part"})
+        files.update({p.name: p.read_bytes() for p in (Path(tmp) / "report").iterdir() if p.is_file()})
+        if parts["selection"]:
+            oracle = evaluate_cases(predictor, parts["selection"], cfg, Path(tmp) / "oracle", sources,
+                                    meta={"part": "unseen selection part (oracle)"})
+            files.update({f"oracle_{p.name}": p.read_bytes() for p in (Path(tmp) / "oracle").iterdir()
+                          if p.is_file()})
+        else:
+            oracle = summarise([], sources)
+    summary["oracle"] = {"per_site": oracle["per_site"], "across_sites": oracle["across_sites"]}
     return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
 
 
@@ -76,18 +119,36 @@ def remote_evaluate(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) 
     return ray.get(task.remote(checkpoint, "cuda" if gpus > 0 else "cpu", max(1, int(cpus))))
 
 
-def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """Per-site and across-site numbers under flat names (strings such as worst_site are left out)."""
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else math.nan
+    return None  # None (no unseen site), strings such as worst_site
+
+
+def _flat(summary: dict[str, Any], prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for site, stats in summary.get("per_site", {}).items():
         for key in PER_SITE_KEYS:
-            if key in stats:
-                out[f"site/{site}/{key}"] = float(stats[key])
-        if "n" in stats:
-            out[f"site/{site}/n"] = float(stats["n"])
+            value = _number(stats.get(key))
+            if value is not None:
+                out[f"{prefix}site/{site}/{key}"] = value
     across = summary.get("across_sites", {})
     for key in ACROSS_KEYS:
-        value = across.get(key, across.get(_ACROSS_ALIASES.get(key, key)))
-        if isinstance(value, (int, float)):
-            out[key] = float(value)
-    return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
+        value = _number(across.get(key))
+        if value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Reported and oracle numbers of :func:`evaluate_checkpoint`'s summary under flat names.
+
+    Undefined numbers (a site's std with one case, HD95 of a site where every case was missed) are NaN;
+    across-site numbers are left out when there is no unseen site.
+    """
+    out = _flat(summary, "")
+    if summary.get("oracle"):
+        out.update(_flat(summary["oracle"], ORACLE_PREFIX))
+    return out

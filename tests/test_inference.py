@@ -182,11 +182,34 @@ def test_evaluate_cases_writes_per_case_csv_and_summary(tmp_path):
     assert [r["case_id"] for r in rows] == ["c0", "c1", "c2"]
     assert all(float(r["dice"]) > 0.9 and float(r["hd95"]) < 3.0 for r in rows)
     assert all(float(r["label_ml"]) == pytest.approx(4 / 3 * np.pi * 7 * 6 * 8 / 1000, rel=0.15) for r in rows)
-    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    # summary.json is strict JSON: the source site's std of one case (NaN) is null there
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary).replace(": NaN", ": null"))
+    assert np.isnan(summary["per_site"]["src"]["dice_std"])
     assert summary["per_site"]["far"]["n"] == 2 and summary["per_site"]["src"]["source"]
     assert summary["across_sites"]["unseen_sites"] == ["far"]
-    assert summary["across_sites"]["dice_mean"] == pytest.approx(np.mean([float(r["dice"]) for r in rows[1:]]))
+    assert summary["across_sites"]["mean_unseen_dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows[1:]]))
+    assert [r["role"] for r in rows] == ["source", "unseen", "unseen"]
+    assert all(0.9 < float(r["nsd"]) <= 1.0 for r in rows)
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz"]
+
+
+def test_an_empty_prediction_is_counted_as_missed_not_as_a_distance(tmp_path):
+    # Threshold 0.6 finds the 200 HU ellipsoid; threshold 2.0 finds nothing in a [0, 1] image.
+    # The old code gave the missed case HD95 = the image diagonal (about 60 mm here), which then
+    # dominated the site's hd95_mean.
+    ct, label = write_case(tmp_path / "data", "c0", AFFINES["LPS"])
+    cases = [Case(case_id="c0", image=str(ct), label=str(label), site="far")]
+    cfg = small_config()
+    found = evaluate_cases(Predictor(ThresholdNet(0.6), cfg, device="cpu"), cases, cfg, tmp_path / "a", ["src"])
+    missed = evaluate_cases(Predictor(ThresholdNet(2.0), cfg, device="cpu"), cases, cfg, tmp_path / "b", ["src"])
+    far = missed["per_site"]["far"]
+    assert (far["n_missed"], far["dice_mean"], far["nsd_mean"], far["failure_rate"]) == (1, 0.0, 0.0, 1.0)
+    assert far["hd95_mean"] is None or np.isnan(far["hd95_mean"])
+    with (tmp_path / "b" / "per_case.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert row["hd95"] == "nan" and row["empty_pred"] == "True"
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["per_site"]["far"]["hd95_mean"] is None
+    assert found["per_site"]["far"]["n_missed"] == 0 and found["per_site"]["far"]["hd95_mean"] < 3.0
 
 
 def test_predict_paths_file_and_folder_outputs(tmp_path):

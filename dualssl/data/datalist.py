@@ -24,11 +24,12 @@ at once); :func:`load_datalist` raises :class:`DatasetError` listing the fatal o
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_COLUMNS = ("image", "label", "site")
@@ -185,6 +186,37 @@ def split_cases(cases: Sequence[Case], source_sites: Sequence[str], val_fraction
     test = {site: sorted(by_site[site], key=lambda c: c.case_id)
             for site in known if site not in set(source_sites)}
     return Split(train=train, val=val, test=test)
+
+
+def split_selection_report(test: Mapping[str, Sequence[Case]], seed: int, selection_fraction: float = 0.5
+                           ) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
+    """Split each test site's cases into a SELECTION part and a REPORT part (DomainBed's test-domain oracle).
+
+    An oracle may select models on the selection part of an unseen site, and its numbers are then
+    reported on the report part only, so no case is used both to choose and to report.
+
+    Each site gives ``floor(n * selection_fraction)`` cases to selection (a site with one case puts
+    it in report); which ones is fixed by a hash of ``(seed, site, case_id)``, so the result depends
+    only on the case ids, the sites and ``seed`` (``data.split_seed``), never on the order of the list.
+
+    Returns:
+        ``(selection, report)``: ``{site: cases sorted by case_id}`` each, with the same sites
+        (a site whose selection part is empty maps to ``[]``).
+    """
+    if not 0.0 <= selection_fraction < 1.0:
+        raise DatasetError(f"selection_fraction: {selection_fraction} must lie in [0, 1) "
+                           "(the report part may not be empty)")
+    selection: dict[str, list[Case]] = {}
+    report: dict[str, list[Case]] = {}
+    for site in sorted(test):
+        def rank(case: Case, site: str = site) -> tuple[str, str, str]:
+            digest = hashlib.sha256(f"{seed}:{site}:{case.case_id}".encode()).hexdigest()
+            return digest, case.case_id, case.image
+        ranked = sorted(test[site], key=rank)
+        n_sel = int(len(ranked) * selection_fraction)
+        selection[site] = sorted(ranked[:n_sel], key=lambda c: c.case_id)
+        report[site] = sorted(ranked[n_sel:], key=lambda c: c.case_id)
+    return selection, report
 
 
 def sites_of(cases: Sequence[Case]) -> dict[str, int]:

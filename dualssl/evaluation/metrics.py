@@ -1,13 +1,21 @@
-"""Segmentation metrics: per case (Dice, Jaccard, HD95, ASD in mm), per site, across unseen sites.
+"""Segmentation metrics: per case, per site and across unseen sites (nnU-Net / Touchstone style).
 
-Empty masks have fixed, documented values (``case_metrics``):
+Per case (``case_metrics``): Dice, Jaccard, NSD (normalised surface Dice at ``NSD_TOLERANCE_MM`` = 2 mm,
+MONAI's ``compute_surface_dice``), HD95 and symmetric ASD in mm, all spacing-aware. Empty masks:
 
-* label and prediction both empty: Dice 1, Jaccard 1, HD95 0 mm, ASD 0 mm (nothing to find, nothing found);
-* exactly one of them empty: Dice 0, Jaccard 0, and HD95 = ASD = the diagonal of the image in mm
-  (the largest distance the grid can hold), so a missed or hallucinated organ is penalised in the
-  site means instead of silently dropping out as NaN.
+* label and prediction both empty: Dice 1, Jaccard 1, NSD 1, HD95 0 mm, ASD 0 mm (nothing to find,
+  nothing found);
+* prediction empty, label not (a *missed* case): Dice 0, Jaccard 0, NSD 0, HD95 = ASD = NaN. A surface
+  distance to nothing is undefined; such a case is counted in ``n_missed`` instead of entering the
+  HD95/ASD means as some made-up distance;
+* label empty, prediction not (a *spurious* case): Dice 0, Jaccard 0, NSD 0, HD95 = ASD = NaN, counted
+  in ``n_spurious``.
 
-Standard deviations are population standard deviations (``ddof=0``), so a site with one case has std 0.
+Per site (``summarise``): ``dice_mean, dice_median, dice_std, dice_min, failure_rate`` (fraction of
+cases with Dice < ``FAILURE_DICE`` = 0.5), ``jaccard_mean/std, nsd_mean/std``, ``hd95_mean/std`` and
+``asd_mean/std`` over the cases where both masks are non-empty, ``n_missed``, ``n_spurious``.
+Every std is a SAMPLE standard deviation (``ddof=1``), NaN when fewer than two values exist (a site
+with one case has ``dice_std`` NaN, written as null in JSON).
 """
 
 from __future__ import annotations
@@ -25,9 +33,22 @@ from monai.metrics import (
     compute_dice,
     compute_hausdorff_distance,
     compute_iou,
+    compute_surface_dice,
 )
 
-METRICS: tuple[str, ...] = ("dice", "jaccard", "hd95", "asd")
+METRICS: tuple[str, ...] = ("dice", "jaccard", "nsd", "hd95", "asd")
+"""Per-case metric names: the columns of ``per_case.csv`` and the stems of the per-site ``<name>_mean``."""
+NSD_TOLERANCE_MM = 2.0
+"""Tolerance of the normalised surface Dice, in mm."""
+FAILURE_DICE = 0.5
+"""A case with Dice below this is a failure (``failure_rate``), as in Touchstone."""
+SITE_KEYS: tuple[str, ...] = (
+    "n", "dice_mean", "dice_median", "dice_std", "dice_min", "failure_rate", "jaccard_mean", "jaccard_std",
+    "nsd_mean", "nsd_std", "hd95_mean", "hd95_std", "asd_mean", "asd_std", "n_missed", "n_spurious")
+"""Numeric per-site statistics of ``summarise`` (besides ``source`` and ``dice_min_case``)."""
+ACROSS_KEYS: tuple[str, ...] = ("mean_unseen_dice", "worst_site_dice", "std_across_sites", "stability",
+                                "failure_rate")
+"""Numeric across-unseen-site statistics of ``summarise`` (besides the lists and ``worst_site``)."""
 
 _CROP_MARGIN = 2  # voxels kept around the union of the masks; >= 1 keeps surfaces unchanged
 KDTREE_MAX_SURFACE = 300_000
@@ -54,20 +75,25 @@ def _union_crop(pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
-                 spacing: Sequence[float], *, method: str = "auto") -> dict[str, float]:
-    """Dice, Jaccard, HD95 (mm) and symmetric ASD (mm) of one binary prediction against its label.
+                 spacing: Sequence[float], *, method: str = "auto",
+                 nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> dict[str, float]:
+    """Dice, Jaccard, NSD, HD95 (mm) and symmetric ASD (mm) of one binary prediction against its label.
 
     Args:
         pred: predicted mask ``(X,Y,Z)`` or ``(1,X,Y,Z)``; any non-zero voxel is foreground.
         label: reference mask of the same shape.
         spacing: voxel size in mm along ``(X, Y, Z)``.
         method: how surface distances are found, with identical definitions and results:
-            ``"monai"`` (MONAI's ``compute_hausdorff_distance`` / ``compute_average_surface_distance``,
-            a KD-tree on the CPU), ``"edt"`` (scipy's exact Euclidean distance transform) or
+            ``"monai"`` (MONAI's ``compute_hausdorff_distance`` / ``compute_average_surface_distance`` /
+            ``compute_surface_dice``, a KD-tree on the CPU), ``"edt"`` (scipy's exact Euclidean distance transform) or
             ``"auto"``: MONAI unless the surfaces hold more than ``KDTREE_MAX_SURFACE`` voxels. A
             KD-tree is slow for a large, ragged prediction far from the label (an untrained net on a
             512x512x240 scan: about 4 minutes against 30 s for the distance transform).
+        nsd_tolerance_mm: the NSD counts surface voxels within this distance (mm) of the other surface.
 
+    Returns ``{"dice", "jaccard", "nsd", "hd95", "asd"}``; empty masks as in the module docstring.
+    NSD follows MONAI's ``compute_surface_dice`` (surface voxels, not sub-voxel areas): the surface
+    voxels of both masks within the tolerance of the other surface, over all surface voxels.
     HD95 follows MONAI: the 95th percentile of the directed surface distances pred->label and
     label->pred, each taken separately, then the larger of the two. ASD is the mean of both directed
     distance sets together. Surfaces are mask voxels with a 6-neighbour outside the mask.
@@ -83,12 +109,14 @@ def case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
     if len(spacing) != 3 or not all(s > 0 for s in spacing):
         raise ValueError(f"spacing: expected three positive voxel sizes in mm, got {spacing}")
 
+    if not (nsd_tolerance_mm >= 0 and math.isfinite(nsd_tolerance_mm)):
+        raise ValueError(f"nsd_tolerance_mm: expected a finite distance >= 0 mm, got {nsd_tolerance_mm}")
+
     has_p, has_y = bool(p.any()), bool(y.any())
     if not has_p and not has_y:
-        return {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+        return {"dice": 1.0, "jaccard": 1.0, "nsd": 1.0, "hd95": 0.0, "asd": 0.0}
     if not has_p or not has_y:
-        diagonal = float(np.linalg.norm(np.asarray(p.shape) * np.asarray(spacing)))
-        return {"dice": 0.0, "jaccard": 0.0, "hd95": diagonal, "asd": diagonal}
+        return {"dice": 0.0, "jaccard": 0.0, "nsd": 0.0, "hd95": math.nan, "asd": math.nan}
 
     p, y = _union_crop(p, y)
     yp = torch.from_numpy(p)[None, None].float()
@@ -97,15 +125,17 @@ def case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
            "jaccard": float(compute_iou(yp, yt, include_background=True, ignore_empty=False)[0, 0])}
     edges_p, edges_y = _surface(p), _surface(y)
     if method == "edt" or (method == "auto" and int(edges_p.sum() + edges_y.sum()) > KDTREE_MAX_SURFACE):
-        out.update(_edt_distances(edges_p, edges_y, spacing))
-        return out
+        out.update(_edt_distances(edges_p, edges_y, spacing, nsd_tolerance_mm))
+        return {k: out[k] for k in METRICS}
     with warnings.catch_warnings():  # MONAI 1.5-1.6 warns about its own internal use of a deprecated argument
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
         out["hd95"] = float(compute_hausdorff_distance(yp, yt, include_background=True, percentile=95,
                                                        spacing=spacing)[0, 0])
         out["asd"] = float(compute_average_surface_distance(yp, yt, include_background=True, symmetric=True,
                                                             spacing=spacing)[0, 0])
-    return out
+        out["nsd"] = float(compute_surface_dice(yp, yt, [float(nsd_tolerance_mm)], include_background=True,
+                                                spacing=spacing)[0, 0])
+    return {k: out[k] for k in METRICS}
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -113,20 +143,45 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask ^ ndimage.binary_erosion(mask)
 
 
-def _edt_distances(edges_p: np.ndarray, edges_y: np.ndarray, spacing: tuple[float, ...]) -> dict[str, float]:
-    """HD95 and symmetric ASD from the two surfaces with exact distance transforms (MONAI's definitions)."""
+def _edt_distances(edges_p: np.ndarray, edges_y: np.ndarray, spacing: tuple[float, ...],
+                   tolerance: float) -> dict[str, float]:
+    """HD95, symmetric ASD and NSD from the two surfaces with exact distance transforms (MONAI's definitions)."""
     d_py = ndimage.distance_transform_edt(~edges_y, sampling=spacing)[edges_p]
     d_yp = ndimage.distance_transform_edt(~edges_p, sampling=spacing)[edges_y]
     hd95 = max(float(np.percentile(d, 95)) for d in (d_py, d_yp))  # linear, like torch.quantile in MONAI
-    return {"hd95": hd95, "asd": float(np.concatenate([d_py, d_yp]).mean())}
+    both = np.concatenate([d_py, d_yp])
+    return {"hd95": hd95, "asd": float(both.mean()), "nsd": float((both <= tolerance).mean())}
 
 
-def _stats(values: Iterable[float]) -> tuple[float, float]:
-    """(mean, population std) ignoring NaN; (nan, nan) when nothing is left."""
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    return float(arr.mean()), float(arr.std())
+def _finite(values: Iterable[Any]) -> np.ndarray:
+    """Float array of the values that are finite numbers (NaN, None and empty cells dropped)."""
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return np.asarray(out, dtype=np.float64)
+
+
+def sample_std(values: Iterable[Any]) -> float:
+    """Sample standard deviation (``ddof=1``) of the finite values; NaN when fewer than two exist."""
+    arr = _finite(values)
+    return float(arr.std(ddof=1)) if arr.size >= 2 else math.nan
+
+
+def _mean(values: Iterable[Any]) -> float:
+    arr = _finite(values)
+    return float(arr.mean()) if arr.size else math.nan
+
+
+def _flag(value: Any) -> bool:
+    """A boolean cell from memory (True/False) or from a CSV ("True"/"False"/"1"/"0")."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 def _site_summary(rows: list[Mapping[str, Any]], is_source: bool) -> dict[str, Any]:
@@ -136,33 +191,43 @@ def _site_summary(rows: list[Mapping[str, Any]], is_source: bool) -> dict[str, A
         "n": len(rows),
         "source": is_source,
         "dice_mean": float(dice.mean()),
-        "dice_std": float(dice.std()),
         "dice_median": float(np.median(dice)),
+        "dice_std": sample_std(dice),
         "dice_min": float(dice[worst]),
         "dice_min_case": str(rows[worst].get("case_id", worst)),
+        "failure_rate": float((dice < FAILURE_DICE).mean()),
     }
     for name in METRICS[1:]:
-        out[f"{name}_mean"], out[f"{name}_std"] = _stats(float(r[name]) for r in rows)
+        out[f"{name}_mean"] = _mean(r[name] for r in rows)
+        out[f"{name}_std"] = sample_std(r[name] for r in rows)
+    out["n_missed"] = sum(_flag(r["empty_pred"]) and not _flag(r["empty_label"]) for r in rows)
+    out["n_spurious"] = sum(_flag(r["empty_label"]) and not _flag(r["empty_pred"]) for r in rows)
     return out
+
+
+REQUIRED_FIELDS: tuple[str, ...] = ("site", *METRICS, "empty_pred", "empty_label")
+"""What ``summarise`` reads of each per-case row (``case_id`` too, when present)."""
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], source_sites: Sequence[str]) -> dict[str, Any]:
     """Per-site and across-unseen-site statistics of per-case rows.
 
     Args:
-        rows: one mapping per case with at least ``site``, ``dice``, ``jaccard``, ``hd95``, ``asd``
-            (``case_id`` names the worst case).
+        rows: one mapping per case with ``REQUIRED_FIELDS`` (``site``, the ``METRICS``, ``empty_pred``,
+            ``empty_label``); ``case_id`` names the worst case. Rows read back from ``per_case.csv``
+            (strings) work too.
         source_sites: training sites; every other site in ``rows`` is an unseen site.
 
     Returns:
-        ``{"per_site": {site: {n, source, dice_mean, dice_std, dice_median, dice_min, dice_min_case,
-        jaccard_mean, jaccard_std, hd95_mean, hd95_std, asd_mean, asd_std}},
-        "across_sites": {unseen_sites, n_sites, n_cases, dice_mean (mean of site means),
-        dice_std (std of site means), worst_site, worst_site_dice, stability (std of per-case Dice
-        over every unseen case)}}``. Across-site values are None when no unseen site is present.
+        ``{"per_site": {site: {source, dice_min_case, *SITE_KEYS}}, "across_sites": {unseen_sites,
+        n_sites, n_cases, worst_site, *ACROSS_KEYS}}`` where, over the unseen sites only,
+        ``mean_unseen_dice`` is the mean of the site Dice means, ``std_across_sites`` their sample std,
+        ``worst_site_dice`` the lowest site mean, ``stability`` the sample std of per-case Dice over
+        every unseen case and ``failure_rate`` the fraction of unseen cases with Dice < 0.5.
+        Across-site values are None when no unseen site is present.
     """
     for i, row in enumerate(rows):
-        missing = [k for k in ("site", *METRICS) if k not in row]
+        missing = [k for k in REQUIRED_FIELDS if k not in row]
         if missing:
             raise ValueError(f"rows[{i}] (case {row.get('case_id', '?')}): missing field(s) {missing}")
     sources = set(source_sites)
@@ -178,8 +243,9 @@ def summarise(rows: Sequence[Mapping[str, Any]], source_sites: Sequence[str]) ->
         means = np.asarray([per_site[s]["dice_mean"] for s in unseen])
         worst = unseen[int(np.argmin(means))]
         unseen_dice = np.asarray([float(r["dice"]) for s in unseen for r in by_site[s]])
-        across.update(dice_mean=float(means.mean()), dice_std=float(means.std()), worst_site=worst,
-                      worst_site_dice=per_site[worst]["dice_mean"], stability=float(unseen_dice.std()))
+        across.update(mean_unseen_dice=float(means.mean()), std_across_sites=sample_std(means), worst_site=worst,
+                      worst_site_dice=per_site[worst]["dice_mean"], stability=sample_std(unseen_dice),
+                      failure_rate=float((unseen_dice < FAILURE_DICE).mean()))
     else:
-        across.update(dice_mean=None, dice_std=None, worst_site=None, worst_site_dice=None, stability=None)
+        across.update({key: None for key in ("worst_site", *ACROSS_KEYS)})
     return {"per_site": per_site, "across_sites": across}

@@ -9,11 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-LEADING_COLUMNS: tuple[str, ...] = ("case_id", "site", "dice", "jaccard", "hd95", "asd")
+LEADING_COLUMNS: tuple[str, ...] = ("case_id", "site", "dice", "jaccard", "nsd", "hd95", "asd")
 
 
 def write_per_case_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """One line per case: ``case_id, site, dice, jaccard, hd95, asd``, then any other keys in first-seen order."""
+    """One line per case: ``case_id, site, dice, jaccard, nsd, hd95, asd``, then any other keys in first-seen
+    order (NaN is written as ``nan``)."""
     columns = list(LEADING_COLUMNS)
     for row in rows:
         columns += [k for k in row if k not in columns]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dualssl.config import Config
 from dualssl.evaluation.inference import Predictor
-from dualssl.evaluation.metrics import case_metrics, summarise
+from dualssl.evaluation.metrics import FAILURE_DICE, NSD_TOLERANCE_MM, case_metrics, summarise
 from dualssl.evaluation.report import write_per_case_csv, write_summary_json
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -74,13 +74,16 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
         meta: extra plain values stored under ``summary["settings"]``.
 
     Returns:
-        ``summarise(rows, source_sites)`` plus ``settings``.
+        ``summarise(rows, source_sites)`` plus ``settings``. ``per_case.csv`` holds one row per case:
+        ``case_id, site, dice, jaccard, nsd, hd95, asd`` (the names ``summarise`` aggregates into
+        ``<name>_mean``), then ``role`` (source/unseen), volumes, the empty-mask flags, spacing, time.
     """
     if not cases:
         raise ValueError("evaluate_cases: no cases to evaluate (check the dataset root and the site names)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    sources = set(source_sites)
     for case in tqdm(cases, desc="evaluate", unit="case"):
         start = time.perf_counter()
         pred_img = predictor.predict_file(case.image)
@@ -91,6 +94,7 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
             (out_dir / "predictions").mkdir(exist_ok=True)
             nib.save(pred_img, out_dir / "predictions" / f"{case.case_id}.nii.gz")
         rows.append({"case_id": case.case_id, "site": case.site, **case_metrics(pred, label, spacing),
+                     "role": "source" if case.site in sources else "unseen",
                      "pred_ml": float(pred.sum()) * voxel_ml, "label_ml": float(label.sum()) * voxel_ml,
                      "empty_pred": not pred.any(), "empty_label": not label.any(),
                      "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
@@ -99,8 +103,10 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
     summary = summarise(rows, source_sites)
     summary["settings"] = {
         "metrics_geometry": "original input grid and label spacing",
-        "empty_mask_policy": "both empty: dice 1, hd95/asd 0; one empty: dice 0, hd95/asd = image diagonal (mm)",
-        "std": "population (ddof=0)",
+        "empty_mask_policy": "both empty: dice 1, nsd 1, hd95/asd 0; one empty: dice 0, nsd 0, hd95/asd NaN "
+                             "(left out of hd95/asd means; counted in n_missed or n_spurious)",
+        "std": "sample (ddof=1); NaN (null) with fewer than two values",
+        "nsd_tolerance_mm": NSD_TOLERANCE_MM, "failure_dice": FAILURE_DICE,
         "tta_flips": cfg.eval.tta_flips, "tta_combinations": 8 if cfg.eval.tta_flips else 1,
         "keep_largest": cfg.eval.keep_largest, "sw_overlap": cfg.eval.sw_overlap,
         "patch_size": list(cfg.data.patch_size), "spacing": list(cfg.data.spacing),
