@@ -6,6 +6,7 @@ beside the 73 real MSD Task07 masks; per-site medians of the organ-core HU (as s
 calibration offsets show) beside each profile's expected pancreas range.
 
     python benchmarks/phantom_generation.py [--workers 2] [--cases 8] [--scale 0.5]
+    python benchmarks/phantom_generation.py --sweep noise=5,20,40 --sweep slice=3,5   # a severity sweep
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from dualssl.data.phantom import SITE_PROFILES, Tissue, generate_dataset
+from dualssl.data.phantom import SITE_PROFILES, Tissue, generate_dataset, get_profile
+from dualssl.data.phantom.sweeps import parse_sweep_spec, sweep_sites
 
 REPO = Path(__file__).resolve().parents[1]
 MSD = Path(os.environ.get("DUALSSL_SHARED_DATA", REPO.parent / "shared" / "data")) / "labels" / "msd_task07_pancreas"
@@ -46,8 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="write here and keep (default: a temp folder)")
+    parser.add_argument("--sweep", action="append", metavar="AXIS=V1,V2",
+                        help="time a severity sweep of pv_standard instead of --sites (repeatable)")
     args = parser.parse_args(argv)
     sites = [s for s in args.sites.split(",") if s]
+    if args.sweep:
+        sites = [p.name for p in sweep_sites(dict(parse_sweep_spec(spec) for spec in args.sweep))]
 
     out = args.keep or Path(tempfile.mkdtemp(prefix="dualssl_phantom_bench_")) / "dataset"
     try:
@@ -84,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             for c in COLUMNS:
                 vals = [r[c] for r in rows if r.get(c) is not None]
                 cells.append(f"{np.median(vals):8.0f}" if vals else f"{'-':>8s}")
-            lo, hi = SITE_PROFILES[s].expected_hu(Tissue.PANCREAS)
-            print(f"  {s:16s} {SITE_PROFILES[s].phase:10s} " + " ".join(cells) + f"   [{lo:.0f}, {hi:.0f}]")
+            lo, hi = get_profile(s).expected_hu(Tissue.PANCREAS)
+            print(f"  {s:16s} {get_profile(s).phase:10s} " + " ".join(cells) + f"   [{lo:.0f}, {hi:.0f}]")
         noise = {s: np.median([i["noise_hu"] for i in infos if i["site"] == s]) for s in sites}
         print("\ndrawn noise std (HU): " + ", ".join(f"{s} {v:.1f}" for s, v in noise.items()))
     finally:

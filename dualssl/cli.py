@@ -12,11 +12,23 @@ from pathlib import Path
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from dualssl.data.phantom import generate_dataset
+    from dualssl.data.phantom import generate_dataset, generate_sweep_dataset
+    from dualssl.data.phantom.sweeps import parse_sweep_spec
 
-    sites = [s for s in args.sites.split(",") if s] if args.sites else None
-    root = generate_dataset(args.out, sites=sites, cases_per_site=args.cases_per_site,
-                            seed=args.seed, scale=args.scale, workers=args.workers)
+    if args.sweep:
+        if args.sites:
+            raise ValueError("--sites and --sweep: give one of them (a sweep writes --sweep-base and "
+                             "one site per swept value)")
+        sweeps: dict[str, list] = {}
+        for spec in args.sweep:
+            axis, values = parse_sweep_spec(spec)
+            sweeps.setdefault(axis, []).extend(values)
+        root = generate_sweep_dataset(args.out, sweeps, cases_per_site=args.cases_per_site, seed=args.seed,
+                                      scale=args.scale, base=args.sweep_base, workers=args.workers)
+    else:
+        sites = [s for s in args.sites.split(",") if s] if args.sites else None
+        root = generate_dataset(args.out, sites=sites, cases_per_site=args.cases_per_site,
+                                seed=args.seed, scale=args.scale, workers=args.workers)
     print(f"phantom dataset written to {root}")
     return 0
 
@@ -93,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=0.5,
                    help="resolution scale: 1.0 = clinical size, 0.5 (default) = demo size")
     p.add_argument("--workers", type=int, default=1, help="processes used to render cases")
+    p.add_argument("--sweep", action="append", metavar="AXIS=V1,V2,...",
+                   help="severity sweep: one site per value of AXIS (noise, hu_offset, hu_scale, slice, phase, "
+                        "cupping, truncation, pixel; units in docs/PHANTOM.md), plus the base site; repeatable")
+    p.add_argument("--sweep-base", default="pv_standard", help="site the sweeps derive from (default pv_standard)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("verify-dataset", help="report every problem of a dataset at once")

@@ -14,7 +14,8 @@ prediction back to the input file's voxel grid.
 
 Random part (:func:`train_transforms`): pad to ``patch_size``, ``samples_per_volume`` patches
 sampled around the pancreas (``pos_fraction``) or in the body, then (if ``cfg.augment``) flips,
-rotation / scaling in one resampling, gamma, intensity scale/shift and Gaussian noise. Patches are
+rotation / scaling in one resampling, gamma, intensity scale/shift and Gaussian noise, then the
+domain-generalisation augmentation ``cfg.domain_aug`` (:mod:`dualssl.data.augment`). Patches are
 plain tensors: ``image`` ``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)`` float32 in {0, 1}.
 """
 
@@ -52,6 +53,7 @@ from monai.transforms import (
 from monai.transforms.utils import reset_ops_id
 
 from dualssl.config import DataConfig
+from dualssl.data.augment import domain_augmentation
 from dualssl.data.datalist import DatasetError
 
 BODY_HU = -500.0
@@ -269,7 +271,8 @@ def train_transforms(cfg: DataConfig) -> Pipeline:
 
     Each patch: ``image`` ``(1, *cfg.patch_size)`` float32, ``label`` ``(1, *cfg.patch_size)``
     float32 in {0, 1}, plain tensors (the volume's ``case_id`` and ``site`` are kept).
-    ``cfg.augment=False`` keeps only padding and patch sampling.
+    ``cfg.augment=False`` drops the standard augmentation; ``cfg.domain_aug`` (``bigaug``,
+    ``randconv``, ``gin``; :mod:`dualssl.data.augment`) runs after it either way.
     """
     keys = ["image", "label"]
     patch = tuple(int(p) for p in cfg.patch_size)
@@ -288,6 +291,9 @@ def train_transforms(cfg: DataConfig) -> Pipeline:
             RandShiftIntensityd("image", offsets=0.05, prob=0.3),
             RandGaussianNoised("image", prob=0.5, std=0.03),  # about 10 HU at the default window
         ]
+    domain = domain_augmentation(cfg.domain_aug)
+    if domain is not None:
+        steps.append(domain)
     steps += [BinarizeLabeld("label"), *_plain_tensors(keys)]
     return Pipeline(steps)
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from dualssl.data.phantom.measure import FAT, core_medians, erosion_for
 from dualssl.data.phantom.render import PhantomCase, render_case
-from dualssl.data.phantom.sites import SITE_PROFILES, get_profile
+from dualssl.data.phantom.sites import SITE_PROFILES, SiteProfile, get_profile
+from dualssl.data.phantom.sweeps import DEFAULT_BASE, sweep_record, sweep_sites
 from dualssl.data.phantom.tissues import Tissue
 
 REPORTED_TISSUES = {"pancreas": Tissue.PANCREAS, "liver": Tissue.LIVER, "spleen": Tissue.SPLEEN,
@@ -50,24 +51,29 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") ->
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _write_case(job: tuple[str, int, int, float, str]) -> dict:
-    site, index, seed, scale, out = job
-    case: PhantomCase = render_case(site, seed, scale)
+def _write_case(job: tuple[SiteProfile, int, int, float, str]) -> dict:
+    profile, index, seed, scale, out = job
+    site = profile.name
+    case: PhantomCase = render_case(profile, seed, scale)
     cid = case_id(site, index)
     root = Path(out)
     desc = f"dualssl phantom {site} seed {seed} scale {scale:g}"
     (root / "imagesTr" / f"{cid}.nii.gz").write_bytes(nifti_bytes(case.image, case.affine, desc))
     (root / "labelsTr" / f"{cid}.nii.gz").write_bytes(nifti_bytes(case.label, case.affine, desc + " label"))
     measured = core_medians(case.image.astype(np.float32), case.organs, case.pure, REPORTED_TISSUES,
-                            erode_px=erosion_for(get_profile(site).blur_px))
+                            erode_px=erosion_for(profile.blur_px))
     info = dict(case.info, case_id=cid, measured_hu=measured)
     return info
 
 
-def generate_dataset(out: str | Path, sites: list[str] | None = None, cases_per_site: int = 4,
+def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = None, cases_per_site: int = 4,
                      seed: int = 0, scale: float = 0.5, workers: int = 1) -> Path:
     """Render ``cases_per_site`` cases of each site in ``sites`` (default: all seven) and write them
     under ``out`` in the MSD layout; returns ``out``.
+
+    ``sites`` holds site names, sweep names (``sweep-noise-20``) or :class:`SiteProfile` objects
+    (e.g. from :func:`~dualssl.data.phantom.sweeps.sweep_profiles`). A derived profile renders its
+    base's patients; dataset.json's ``sweeps`` gives each sweep site's axis and value.
 
     ``scale`` 1.0 = clinical voxel sizes (tens of MB per case), 0.5 = demo (a few MB),
     0.3 = tests (a few hundred kB). ``workers`` > 1 renders in that many processes.
@@ -76,10 +82,10 @@ def generate_dataset(out: str | Path, sites: list[str] | None = None, cases_per_
     if not sites:
         raise ValueError("sites: name at least one site, or pass None for all of "
                          f"{', '.join(SITE_PROFILES)}")
-    for s in sites:
-        get_profile(s)
-    if len(set(sites)) != len(sites):
-        raise ValueError(f"sites: {sites} names a site twice")
+    profiles = [get_profile(s) for s in sites]
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sites: {names} names a site twice")
     if not isinstance(cases_per_site, int) or cases_per_site < 1:
         raise ValueError(f"cases_per_site={cases_per_site!r}: must be an integer >= 1")
     if not isinstance(workers, int) or workers < 1:
@@ -93,7 +99,8 @@ def generate_dataset(out: str | Path, sites: list[str] | None = None, cases_per_
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
 
-    jobs = [(s, i, case_seed(seed, s, i), float(scale), str(out)) for s in sites for i in range(cases_per_site)]
+    jobs = [(p, i, case_seed(seed, p.seed_site, i), float(scale), str(out))
+            for p in profiles for i in range(cases_per_site)]
     if workers == 1:
         infos = [_write_case(j) for j in jobs]
     else:
@@ -117,11 +124,26 @@ def generate_dataset(out: str | Path, sites: list[str] | None = None, cases_per_
         "numTest": 0,
         "training": training,
         "test": [],
-        "sites": {s: {"phase": get_profile(s).phase, "orientation": get_profile(s).orientation,
-                      "dtype": get_profile(s).dtype, "description": get_profile(s).description}
-                  for s in sites},
+        "sites": {p.name: {"phase": p.phase, "orientation": p.orientation, "dtype": p.dtype,
+                           "description": p.description} for p in profiles},
         "phantom": {"seed": int(seed), "scale": float(scale), "cases_per_site": cases_per_site},
     }
+    sweeps = {p.name: sweep_record(p) for p in profiles if p.sweep}
+    if sweeps:
+        dataset["sweeps"] = sweeps
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
     (out / "phantom_cases.json").write_text(json.dumps(infos, indent=1) + "\n")
     return out
+
+
+def generate_sweep_dataset(out: str | Path, sweeps: dict[str, list[float | str]], cases_per_site: int = 4,
+                           seed: int = 0, scale: float = 0.5, base: str = DEFAULT_BASE,
+                           workers: int = 1) -> Path:
+    """Write ``base`` and one site per swept value (``sweeps``: axis -> values, e.g.
+    ``{"noise": [5, 20, 40], "slice": [3, 5]}``), each with the same ``cases_per_site`` patients.
+
+    dataset.json's ``sweeps`` maps each sweep site to ``{"axis", "value", "unit", "base",
+    "base_value"}``; the base's cases are byte-identical to :func:`generate_dataset`'s.
+    """
+    return generate_dataset(out, sites=sweep_sites(sweeps, base), cases_per_site=cases_per_site, seed=seed,
+                            scale=scale, workers=workers)

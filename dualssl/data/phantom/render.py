@@ -188,11 +188,13 @@ def _reconstruct(hu: np.ndarray, p: SiteProfile, acq: dict, grid: Grid, rng: np.
     xs, ys, zs = grid.axes()
     r = np.sqrt(xs[:, None] ** 2 + ys[None, :] ** 2).astype(np.float32)[:, :, None]
     outside = None
-    if acq["fov_circle"]:
-        radius = acq["fov_circle"] / 2
-        body = hu > -500
+    # cupping falls off from the centre of the FOV circle, or of the square FOV when there is none
+    radius = (acq["fov_circle"] or p.fov_mm) / 2
+    body = hu > -500 if (acq["fov_circle"] or acq["cupping"]) else None
+    if acq["cupping"]:
         rel = np.clip(r / radius, 0, 1)
         hu = hu - np.float32(acq["cupping"]) * (1 - rel ** 2) * body
+    if acq["fov_circle"]:
         hu = hu + np.float32(60.0) * np.exp(-(radius - r) / 8.0) * body          # truncation rim
         hu = hu + np.float32(p.shading_hu) * field_on_axes(acq["shading"], xs, ys, zs, step_mm=20.0) * body
         ring_r = radius * np.array([0.12, 0.27, 0.41, 0.58, 0.73])

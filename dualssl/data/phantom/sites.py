@@ -60,6 +60,16 @@ class SiteProfile:
     """Probability that a case has positive oral contrast in the bowel."""
     fatty_range: tuple[float, float] = (0.0, 0.12)
     """Interlobular fat fraction of the pancreas in this site's population."""
+    base: str = ""
+    """Site this profile derives from (severity sweeps, ``sweeps.py``): its cases are the base's
+    patients (case seeds drawn from the base's name), so only the swept knob differs; '' = none."""
+    sweep: tuple = ()
+    """``(axis, value)`` of a sweep profile (see :data:`dualssl.data.phantom.sweeps.AXES`); () = none."""
+
+    @property
+    def seed_site(self) -> str:
+        """The name the case seeds are drawn from: the base's for a derived profile, else its own."""
+        return self.base or self.name
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -130,9 +140,16 @@ SITE_PROFILES: dict[str, SiteProfile] = {p.name: p for p in _PROFILES}
 
 
 def get_profile(site: str | SiteProfile) -> SiteProfile:
-    """The profile of ``site`` (a name or a profile); a clear error for an unknown name."""
+    """The profile of ``site``: a profile, one of :data:`SITE_PROFILES` or a sweep name such as
+    ``sweep-noise-20`` (:func:`dualssl.data.phantom.sweeps.sweep_profile`); a clear error otherwise."""
     if isinstance(site, SiteProfile):
         return site
-    if site not in SITE_PROFILES:
-        raise ValueError(f"unknown phantom site {site!r}; known sites: {', '.join(SITE_PROFILES)}")
-    return SITE_PROFILES[site]
+    if site in SITE_PROFILES:
+        return SITE_PROFILES[site]
+    from dualssl.data.phantom.sweeps import parse_sweep_name  # sweeps builds on this module
+
+    profile = parse_sweep_name(site)
+    if profile is None:
+        raise ValueError(f"unknown phantom site {site!r}; known sites: {', '.join(SITE_PROFILES)}, or a "
+                         "severity sweep named sweep-AXIS-VALUE (e.g. sweep-noise-20; see docs/PHANTOM.md)")
+    return profile
