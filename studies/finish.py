@@ -17,9 +17,12 @@ from typing import Any
 import ray
 import ray.train
 
-from studies.crosssite import ACROSS_KEYS, flat_metrics, remote_evaluate
+from studies.crosssite import flat_metrics, is_cross_metric, remote_evaluate
 from studies.trainable import FINAL_KEY, best_checkpoint, checkpoint_history, objective, split_config, write_artifacts
 from studies.tracking import log_study_summary, log_trial_outcome, trial_runs
+
+
+STOPPED = "stopped early (ASHA)"
 
 
 def write_manifest(study_dir: Path, manifest: dict[str, Any]) -> None:
@@ -35,8 +38,9 @@ def _storage_fs(uri: str):
 
 
 def _cross(metrics: dict[str, Any]) -> dict[str, float]:
+    """Cross-site numbers of a trial's result: reported (``site/...``, across-site keys) and ``oracle/...``."""
     return {k: float(v) for k, v in metrics.items()
-            if (k.startswith("site/") or k in ACROSS_KEYS) and isinstance(v, (int, float))}
+            if is_cross_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _searched(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +58,13 @@ def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict
     folder = study_dir / "trials" / trial_id
     row: dict[str, Any] = {"trial_id": trial_id, "run_id": run_ids.get(trial_id),
                            "params": _searched(result.config, manifest), "config_hash": cfg.hash()}
+    if result.error is not None:
+        # An errored trial never competes: no objective, whatever it reported before failing.
+        row.update(status="error", error=f"{type(result.error).__name__}: {result.error}"[:2000],
+                   objective=float("nan"), metrics={}, epochs_done=int(metrics.get("epochs_done", 0)))
+        if row["run_id"]:
+            log_trial_outcome(manifest["tracking_uri"], row["run_id"], {}, None, 0, tags={"status": "error"})
+        return row
     if metrics.get(FINAL_KEY):
         row["status"] = "completed"
         result.checkpoint.to_directory(str(folder))
@@ -62,9 +73,9 @@ def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict
         best_epoch = int(metrics["best_epoch"])
         cross = _cross(metrics)
         if row["run_id"]:
-            log_trial_outcome(manifest["tracking_uri"], row["run_id"], {}, folder, 0)
+            log_trial_outcome(manifest["tracking_uri"], row["run_id"], {}, folder, 0, tags={"status": "completed"})
     else:
-        row["status"] = "error" if result.error else "stopped early (ASHA)"
+        row["status"] = STOPPED
         run_path = f"{settings.train_storage}/train_{trial_id}"
         try:
             train_result = ray.train.Result.from_path(run_path, storage_filesystem=_storage_fs(run_path))
@@ -93,7 +104,13 @@ def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict
 
 
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    scored = [r for r in rows if isinstance(r.get("objective"), float) and math.isfinite(r["objective"])]
+    """The completed trial with the highest finite objective (ties: the first); None if there is none.
+
+    Only trials that trained to the end compete, as in Optuna (stopped trials are PRUNED there,
+    errored ones FAIL): ASHA judged a stopped trial worse at a rung, and an errored one may hold a
+    partial score."""
+    scored = [r for r in rows if r.get("status") == "completed" and isinstance(r.get("objective"), (int, float))
+              and math.isfinite(r["objective"])]
     return max(scored, key=lambda r: r["objective"]) if scored else None
 
 

@@ -88,8 +88,12 @@ def make_searcher(metric: str, mode: str, seed: int, n_startup_trials: int = 10)
     Ray hands Optuna a stopped trial's last result, which Optuna would record as COMPLETE with an
     early, partial score. Here a trial whose last result lacks ``final`` is told as PRUNED (its
     per-epoch values were already reported as intermediate values, which TPE uses for pruned
-    trials), so only fully trained trials compete on the objective.
+    trials), so only fully trained trials compete on the objective. An errored trial, or a final
+    objective that is not a finite number, is told as FAIL (Ray would tell an errored trial's last
+    partial score as COMPLETE, and Optuna refuses a NaN and leaves the trial RUNNING).
     """
+    import math
+
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -97,7 +101,11 @@ def make_searcher(metric: str, mode: str, seed: int, n_startup_trials: int = 10)
 
     class PruneAwareOptunaSearch(OptunaSearch):
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if result is not None and not error and not result.get(FINAL_KEY):
+            value = (result or {}).get(self.metric)
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if error or (result is not None and result.get(FINAL_KEY) and not finite):
+                result, error = None, True  # OptunaSearch tells Optuna FAIL
+            elif result is not None and not result.get(FINAL_KEY):
                 result = None  # no value: OptunaSearch tells Optuna PRUNED
             super().on_trial_complete(trial_id, result, error)
 

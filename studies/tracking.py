@@ -97,16 +97,17 @@ class TrialRuns(MLflowLoggerCallback):
         self.parent_run_id = parent_run_id
 
     def log_trial_start(self, trial) -> None:
-        from studies.trainable import split_config
+        from studies.trainable import cell_tags, split_config
 
         client = self.mlflow_util._get_client()
         if trial not in self._trial_runs:
             existing = trial_runs(self.tracking_uri, self.parent_run_id).get(trial.trial_id)
             if existing is None:
                 cfg, settings = split_config(trial.config)
+                # The trial's own seed, source site, selection and (grid cells) arm and cell label
+                # replace the study's tags of the same name.
                 tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id,
-                        "config_hash": cfg.hash(), "seed": str(cfg.optim.seed),
-                        "source_site": ",".join(cfg.data.source_sites), "selection": settings.selection}
+                        "config_hash": cfg.hash(), **cell_tags(cfg, settings)}
                 existing = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
             self._trial_runs[trial] = existing
         log_params(client, self._trial_runs[trial], dict(trial.config))

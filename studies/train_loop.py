@@ -32,6 +32,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 SCORE_KEY = "ckpt_score"
 """Checkpoint score: the selection metric where it was measured this epoch, else -1 (never best).
 Ties go to the earlier epoch, as in the engine (a strict ``>`` keeps the first best)."""
+ASHA_KEY = "asha_score"
+"""What ASHA cuts on: the selection metric (whole-volume Dice on the validation cases) at epochs
+where it was measured, NaN at the others and at the last epoch (a trial that trained to the end
+is never cut). Tune requires the key in every result; ``studies.tune.MeasuredASHA`` skips the NaNs
+(Ray's ASHA would record a NaN at the rung, which exempts the trial from that rung's cut)."""
 
 
 class RayTrainer(Trainer):
@@ -66,9 +71,12 @@ class RayReport(Callback):
         out["epoch"] = epoch
         out["epochs_done"] = epoch + 1
         out["timesteps_total"] = epoch + 1  # MLflow's step for this row (MLflowLoggerCallback reads it)
-        measured = (epoch + 1) % trainer.cfg.eval.val_every == 0 or epoch == trainer.cfg.optim.epochs - 1
-        value = metrics.get(selection, math.nan)
-        out[SCORE_KEY] = value - 1e-9 * epoch if measured and not math.isnan(value) else -1.0
+        last = epoch == trainer.cfg.optim.epochs - 1
+        measured = bool(metrics.get("val_measured", (epoch + 1) % trainer.cfg.eval.val_every == 0 or last))
+        value = float(metrics.get(selection, math.nan))
+        measured = measured and math.isfinite(value)
+        out[SCORE_KEY] = value - 1e-9 * epoch if measured else -1.0
+        out[ASHA_KEY] = value if measured and not last else math.nan
         best = trainer.best_metric
         out["objective"] = best if math.isfinite(best) else 0.0
         out["best_epoch"] = trainer.best_epoch

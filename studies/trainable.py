@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 import ray.train
@@ -24,12 +24,15 @@ from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dualssl.config import Config
+from dualssl.config import Config, ConfigError
 from studies.crosssite import flat_metrics, remote_evaluate
-from studies.train_loop import SCORE_KEY, train_loop_per_worker
+from studies.train_loop import ASHA_KEY, SCORE_KEY, train_loop_per_worker
 
 FINAL_KEY = "final"
 """1.0 in the last result of a trial that finished training and its cross-site evaluation."""
+ORACLE_METRIC = "oracle/mean_unseen_dice"
+"""``--selection oracle`` ranks on this: mean Dice over the selection part of the unseen sites
+(``studies/crosssite.py``); the reported numbers come from their report part."""
 
 
 @dataclass
@@ -47,21 +50,62 @@ class TrialSettings:
     keep_checkpoints: int = 2
     fail_at_epoch: int = -1
     """Tests only: kill the last worker once after this epoch (-1: never)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted config keys applied AFTER the flat keys (searched or constant), e.g. one cell of a
+    ``tune.grid_search([{...}, ...])``; it may also hold ``study.arm`` / ``study.cell`` labels."""
+    cell: str = ""
+    """Label of this trial's cell of a grid study (an MLflow tag ``cell``); empty: none."""
+    arm: str = ""
+    """Label of the study arm (``dualssl.recipes.ARMS`` name; an MLflow tag ``arm``). A label only:
+    the arm's config keys go in ``overrides``."""
+
+
+_LABELS = ("study.arm", "study.cell")
+"""study.* keys allowed inside ``study.overrides`` (labels of the cell)."""
+
+
+def _set_setting(settings: TrialSettings, key: str, value: Any) -> None:
+    names = {f.name for f in fields(TrialSettings)}
+    name = key[len("study."):]
+    if name not in names:
+        raise ValueError(f"{key}: unknown study setting; known: {', '.join(sorted(names))}")
+    if name != "overrides":
+        setattr(settings, name, type(getattr(settings, name))(value))
+    elif isinstance(value, Mapping):
+        settings.overrides = dict(value)
+    else:
+        raise ConfigError(f"study.overrides: expected a mapping of dotted config keys to values, "
+                          f"got {type(value).__name__} {value!r}")
 
 
 def split_config(config: dict[str, Any]) -> tuple[Config, TrialSettings]:
-    """Flat trial config -> (validated Config, TrialSettings)."""
+    """Flat trial config -> (validated Config, TrialSettings).
+
+    Order: the flat dotted keys (constants and searched values), then ``study.overrides`` on top.
+    An error names the key (``study.overrides: loss.tauu: unknown field ...``).
+    """
     cfg, settings = Config(), TrialSettings()
-    names = {f.name for f in fields(TrialSettings)}
     for key, value in config.items():
         if key.startswith("study."):
-            name = key[len("study."):]
-            if name not in names:
-                raise ValueError(f"{key}: unknown study setting; known: {', '.join(sorted(names))}")
-            setattr(settings, name, type(getattr(settings, name))(value))
+            _set_setting(settings, key, value)
         else:
             cfg.set(key, value)
-    return cfg.validate(), settings
+    for key, value in settings.overrides.items():
+        try:
+            if key in _LABELS:
+                _set_setting(settings, key, value)
+            elif key.startswith("study."):
+                raise ConfigError(f"only the labels {', '.join(_LABELS)} may be set here, not {key}")
+            else:
+                cfg.set(key, value)
+        except (ConfigError, ValueError) as exc:
+            raise ConfigError(f"study.overrides: {exc}") from exc
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (after study.overrides {settings.overrides})" if settings.overrides
+                          else str(exc)) from exc
+    return cfg, settings
 
 
 def study_config(cfg: Config, settings: TrialSettings, search: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +114,17 @@ def study_config(cfg: Config, settings: TrialSettings, search: dict[str, Any]) -
     space.update(search)
     space.update({f"study.{f.name}": getattr(settings, f.name) for f in fields(TrialSettings)})
     return space
+
+
+def cell_tags(cfg: Config, settings: TrialSettings) -> dict[str, str]:
+    """MLflow tags of a trial's cell: seed and source site always, arm and cell when labelled."""
+    tags = {"seed": str(cfg.optim.seed), "source_site": ",".join(cfg.data.source_sites),
+            "selection": settings.selection}
+    if settings.arm:
+        tags["arm"] = settings.arm
+    if settings.cell:
+        tags["cell"] = settings.cell
+    return tags
 
 
 def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
@@ -109,10 +164,11 @@ def write_artifacts(folder: Path, cfg: Config, history: list[dict[str, float]],
 
 
 def objective(selection: str, best_val: float, cross: dict[str, float]) -> float:
-    """The number Optuna maximises and the study ranks trials by."""
+    """The number Optuna maximises and the study ranks trials by: the best epoch's source-validation
+    selection metric, or (oracle) :data:`ORACLE_METRIC` of that epoch's checkpoint; NaN if absent."""
     if selection == "oracle":
-        return cross.get("mean_unseen_dice", float("nan"))
-    return best_val
+        return float(cross.get(ORACLE_METRIC, float("nan")))
+    return float(best_val)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -169,7 +225,7 @@ def train_func(config: dict[str, Any]) -> None:
         "objective": objective(settings.selection, best_val, cross),
         f"best_{selection_metric}": best_val,
         "best_epoch": int(best_metrics.get("epoch", -1)),
-        cfg.eval.cheap_metric: float(history[-1].get(cfg.eval.cheap_metric, 0.0)) if history else 0.0,
+        ASHA_KEY: math.nan,  # Tune wants the scheduler's metric in every result; ASHA skips NaN
         "epochs_done": int(history[-1]["epoch"]) + 1 if history else 0,
         "timesteps_total": int(history[-1]["epoch"]) + 1 if history else 0,
     }

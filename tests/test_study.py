@@ -78,11 +78,13 @@ def test_resource_check_says_what_to_change():
 
 def test_trial_config_round_trips_every_dotted_field():
     cfg = Config().with_overrides({"model.widths": (8, 16, 32, 64), "loss.tau": 0.2})
-    settings = TrialSettings(workers=2, train_storage="/abs/runs", selection="oracle")
+    settings = TrialSettings(workers=2, train_storage="/abs/runs", selection="oracle",
+                             overrides={"loss.tau": 0.3}, cell="a/0")
     flat = study_config(cfg, settings, {})
     assert flat["loss.tau"] == 0.2 and flat["study.workers"] == 2
     back, back_settings = split_config(flat)
-    assert back.hash() == cfg.hash() and back_settings == settings
+    assert back.loss.tau == 0.3 and back_settings == settings  # overrides win over the flat keys
+    assert back.hash() == cfg.with_overrides({"loss.tau": 0.3}).hash()
     with pytest.raises(ValueError, match="study.worker"):
         split_config({**flat, "study.worker": 1})
 
@@ -171,7 +173,13 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
     study = storage / "dualssl-smoke"
     rows = json.loads((study / "trials.json").read_text())
     summary = json.loads((study / "export.json").read_text())
-    assert len(rows) == 2 and summary["best_trial_id"] in {r["trial_id"] for r in rows}
+    assert len(rows) == 2
+    # The winner: the completed trial with the highest objective, which for source-val selection is
+    # its best source-validation Dice.
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert completed and summary["best_trial_id"] == max(completed, key=lambda r: r["objective"])["trial_id"]
+    for r in completed:
+        assert r["objective"] == r["metrics"]["best_val_dice"] and 0.0 <= r["objective"] <= 1.0
 
     # MLflow: one parent, exactly one child run per trial despite the worker restart.
     manifest = json.loads((study / "study.json").read_text())
@@ -180,7 +188,13 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["trial_id"] for r in children) == sorted(r["trial_id"] for r in rows)
+    by_trial = {r["trial_id"]: r for r in rows}
     for run in children:
+        row = by_trial[run.data.tags["trial_id"]]
+        # the trial table and MLflow hold the same numbers
+        assert run.data.metrics["objective"] == pytest.approx(row["objective"], abs=1e-12)
+        assert run.data.metrics["mean_unseen_dice"] == pytest.approx(row["metrics"]["mean_unseen_dice"], abs=1e-12)
+        assert "oracle/mean_unseen_dice" in run.data.metrics  # a source-val study logs the oracle numbers too
         for site in UNSEEN:
             for key in ("dice_mean", "dice_std", "hd95_mean", "hd95_std", "asd_mean", "asd_std"):
                 assert f"site/{site}/{key}" in run.data.metrics, (run.info.run_name, site, key)
@@ -193,6 +207,8 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
         assert {a.path for a in client.list_artifacts(run.info.run_id, "trial")} >= {
             "trial/per_case.csv", "trial/progress.png", "trial/config.yaml"}
     assert parent.data.tags["best_trial_id"] == summary["best_trial_id"]
+    assert parent.data.tags["selection"] == "source-val"
+    assert parent.data.tags["selection_metric"].startswith("val_dice (source validation")
 
     # The killed worker: every trial lost a worker once after epoch 0 and resumed from epoch 1.
     for row in rows:
@@ -231,5 +247,10 @@ def test_ray_job_submit_runs_the_smoke_study(ray_head, phantom_root, tmp_path):
     assert "succeeded" in done.stdout
     study = storage / "dualssl-smoke"
     rows = json.loads((study / "trials.json").read_text())
-    assert len(rows) == 1 and rows[0]["metrics"]["mean_unseen_dice"] >= 0
+    assert len(rows) == 1 and rows[0]["status"] == "completed"
+    m = rows[0]["metrics"]
+    # mean unseen Dice is the mean of the unseen sites' mean Dice (an independent computation here)
+    site_means = [m[f"site/{site}/dice_mean"] for site in UNSEEN]
+    assert m["mean_unseen_dice"] == pytest.approx(sum(site_means) / len(site_means), abs=1e-9)
+    assert rows[0]["objective"] == m["best_val_dice"]
     assert (study / "model" / "model.safetensors").is_file()

@@ -64,11 +64,14 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys):
         str(lab(5)): (False, "label is empty"),
         str(img(6)): (True, "image file not found"),
         str(lab(7)): (True, "unreadable NIfTI label"),
-        str(root / "dataset.json"): (True, "unknown source site 'hospital_z'; known sites: a, b"),
     }
-    assert set(by_path) == set(expected), problems
+    assert set(by_path) == set(expected) | {str(root / "dataset.json")}, problems
     for path, (fatal, text) in expected.items():
         assert [(p.fatal, text in p.message) for p in by_path[path]] == [(fatal, True)], by_path[path]
+    # every case of site a is broken: the site itself is named too (b keeps case 5, only a warning)
+    assert [(p.fatal, p.message) for p in by_path[str(root / "dataset.json")]] == [
+        (True, "unknown source site 'hospital_z'; known sites: a, b"),
+        (True, "site 'a' has no usable case (all 4 listed case(s) are missing or broken, see above)")]
     assert str(by_path[str(lab(5))][0]) == f"WARN {lab(5)}: label is empty (no pancreas voxel)"
     assert str(by_path[str(img(6))][0]).startswith(f"FATAL {img(6)}: image file not found")
 
@@ -90,3 +93,21 @@ def test_list_level_problems(tmp_path):
     assert absent.fatal and absent.path == str(tmp_path / "absent") and "dataset root not found" in absent.message
     (root / "dataset.json").write_text("{not json")
     assert main(["verify-dataset", str(root)]) == 1
+
+
+def test_source_sites_must_split_into_train_and_validation(tmp_path):
+    root = write_msd(tmp_path / "msd", {"a": 1, "b": 4, "c": 2})
+    where = str(root / "dataset.json")
+    found = verify_dataset(root, source_sites=["a", "b"], val_fraction=0.25, split_seed=0, workers=2)
+    assert [(p.fatal, p.path, p.message.split(";")[0].split(" (")[0]) for p in found] == [
+        (True, where, "source site 'a' has 1 usable case(s)"),
+        (False, where, "source validation holds 1 case")]  # b's 4 cases x 0.25: 1 validation case
+    # 2 cases at 0.25: round(0.5) = 0, raised to 1 validation case; the whole validation set is 1 scan
+    [warn] = verify_dataset(root, source_sites=["c"], val_fraction=0.25)
+    assert not warn.fatal and "source validation holds 1 case" in warn.message
+    assert verify_dataset(root, source_sites=["b", "c"], val_fraction=0.25) == []  # 1 + 1 validation cases
+    lab = root / "labelsTr" / "pancreas_005.nii.gz"  # one of c's two cases: c keeps 1 usable case
+    lab.write_bytes(b"broken")
+    messages = [p.message for p in verify_dataset(root, source_sites=["c"], val_fraction=0.25) if p.fatal]
+    assert any("unreadable NIfTI label" in m for m in messages)
+    assert any("source site 'c' has 1 usable case(s)" in m for m in messages), messages

@@ -9,33 +9,71 @@ no NaN, so only floating-point images are scanned for them.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
-from dualssl.data.datalist import DEFAULT_LIST_LABELS, Case, Problem, read_dataset
+from dualssl.data.datalist import DEFAULT_LIST_LABELS, Case, DatasetError, Problem, read_dataset, split_cases
 from dualssl.data.transforms import pair_mismatch
 
-__all__ = ["Problem", "verify_dataset", "verify_case"]
+__all__ = ["Problem", "verify_dataset", "verify_case", "split_problems"]
 
 
-def verify_dataset(root: str | Path, source_sites: Sequence[str] | None = None) -> list[Problem]:
-    """All problems of the dataset at ``root``, list problems first, then per case.
+def verify_dataset(root: str | Path, source_sites: Sequence[str] | None = None, *,
+                   val_fraction: float | None = None, split_seed: int = 0, workers: int = 1) -> list[Problem]:
+    """All problems of the dataset at ``root``, list problems first, then per case, then per site.
 
-    ``source_sites``, if given, are checked against the dataset's sites.
+    ``source_sites``, if given, are checked against the dataset's sites, and every site must keep
+    at least one usable case (files present and readable); with ``val_fraction`` too, each source
+    site must give both training and validation cases (:func:`split_problems`). ``workers``
+    threads read the files (decompression releases the GIL).
     """
     info, problems = read_dataset(root)
     present = [c for c in info.cases if Path(c.image).is_file() and Path(c.label).is_file()]
-    for case in present:
-        problems.extend(verify_case(case, info.label_values))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for case_problems in pool.map(lambda c: verify_case(c, info.label_values), present):
+            problems.extend(case_problems)
     if source_sites:
         known = sorted({c.site for c in info.cases})
         for site in source_sites:
             if site not in known:
                 problems.append(Problem(True, str(info.list_file), f"unknown source site {site!r}; known "
                                         f"sites: {', '.join(known) or '(none)'}"))
+        broken = {p.path for p in problems if p.fatal}
+        usable = [c for c in present if c.image not in broken and c.label not in broken]
+        for site in known:
+            n_listed = sum(c.site == site for c in info.cases)
+            if not any(c.site == site for c in usable):
+                problems.append(Problem(True, str(info.list_file), f"site {site!r} has no usable case (all "
+                                        f"{n_listed} listed case(s) are missing or broken, see above)"))
+        if val_fraction is not None:
+            problems.extend(split_problems(usable, [s for s in source_sites if s in known], val_fraction,
+                                           split_seed, str(info.list_file)))
+    return problems
+
+
+def split_problems(cases: Sequence[Case], source_sites: Sequence[str], val_fraction: float, seed: int,
+                   where: str) -> list[Problem]:
+    """Source sites too small for ``split_cases``: fatal below 2 usable cases (1 train + 1 val);
+    a warning when the whole validation set is a single case (one scan then decides the selection)."""
+    problems: list[Problem] = []
+    n_val = 0
+    for site in dict.fromkeys(source_sites):
+        site_cases = [c for c in cases if c.site == site]
+        if not site_cases:
+            continue  # reported as a site without usable cases
+        try:
+            n_val += len(split_cases(site_cases, [site], val_fraction, seed).val)
+        except DatasetError:
+            problems.append(Problem(True, where, f"source site {site!r} has {len(site_cases)} usable case(s); "
+                                    "training and validation need at least 2 (1 to train, 1 to validate): "
+                                    "add cases or choose another --source-site"))
+    if n_val == 1:
+        problems.append(Problem(False, where, f"source validation holds 1 case (data.val_fraction={val_fraction}): "
+                                "one scan decides every trial's selection; add cases or raise data.val_fraction"))
     return problems
 
 
