@@ -4,13 +4,17 @@ Trains each on the phantom's source site with the settings of ``tests/test_learn
 evaluates the best checkpoint on the source validation cases and on two unseen sites (metrics in the
 input's own geometry). A few minutes per model on 2 cores:
 
-    python benchmarks/cross_site_small.py --out /tmp/cross_site
+    python benchmarks/cross_site_small.py --out /tmp/cross_site --seeds 1,2,3
+
+With several seeds it ends with the mean +- std (sample std, n-1) across seeds of each model's
+per-site mean Dice, and writes that summary to ``cross_site_summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,7 +76,28 @@ def main() -> int:
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    summary = summarise_seeds(rows)
+    (args.out / "cross_site_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nmean +- std across seeds {args.seeds} (per-site mean Dice of each run):")
+    print("| site | " + " | ".join(summary) + " |\n|---|" + "---|" * len(summary))
+    sites = [k[:-len("_dice")] for k in keys if k.endswith("_dice")]
+    for site in sites:
+        cells = [f"{v[site]['mean']:.4f} +- {v[site]['std']:.4f} (n={v[site]['n']})" for v in summary.values()]
+        print(f"| {site} | " + " | ".join(cells) + " |")
     return 0
+
+
+def summarise_seeds(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {site: {mean, std, n}}}`` of the per-site mean Dice across seeds (std 0 for one seed)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == model]
+        out[model] = {}
+        for key in (k for k in runs[0] if k.endswith("_dice")):
+            values = [r[key] for r in runs]
+            out[model][key[:-len("_dice")]] = {"mean": statistics.fmean(values), "n": len(values),
+                                               "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return out
 
 
 if __name__ == "__main__":

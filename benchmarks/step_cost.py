@@ -1,11 +1,13 @@
 """Cost of the dual-SSL branches: time per training step, full model vs both lambdas 0, side by side.
 
-One step = corrupt (when on) + forward + loss + backward + Adam step, on the same synthetic batch
-(a smooth noisy image with a curved, pancreas-like label blob) for both variants. Runs are
-interleaved (ABBA order) after a warm-up, and the medians compared. Goal: ratio <= 1.25 on CPU.
+One step is the engine's protocol (``Trainer.train_step``): forward of the clean patch (segmentation
++ contrastive), corrupt a crop around the band (``loss.rec_crop``), forward of that crop
+(restoration only), loss, backward, Adam step, on the same synthetic batch (a smooth noisy image
+with a curved, pancreas-like label blob) for every variant. Runs are interleaved (ABBA order) after
+a warm-up, and the medians compared. Goal: ratio <= 1.25 on CPU.
 
     python benchmarks/step_cost.py                       # widths 8,16,32,64, patch 96x96x64, batch 2
-    python benchmarks/step_cost.py --repeats 9 --device cuda
+    python benchmarks/step_cost.py --rec-crops 1,0.75,0.5 --repeats 9 --device cuda
 """
 
 from __future__ import annotations
@@ -70,18 +72,20 @@ class Variant:
             _sync(device)
             clocks.append((time.perf_counter(), time.process_time()))
 
-        image_in, mask = self.loss.corrupt(image, label)
+        outputs = self.net(image, embeddings=self.cfg.contrastive_on)
         tick()
-        outputs = self.net(image_in, embeddings=self.cfg.contrastive_on, restoration=self.cfg.restoration_on)
+        corrupted = self.loss.corrupt(image, label)
         tick()
-        parts = self.loss(outputs, label, image, mask)
+        rec_outputs = self.net(corrupted.image, restoration=True) if corrupted is not None else None
+        tick()
+        parts = self.loss(outputs, label, rec_outputs, corrupted)
         tick()
         self.opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         self.opt.step()
         tick()
         self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
-        names = ("corrupt", "forward", "loss", "backward+adam")
+        names = ("forward", "corrupt", "forward rec", "loss", "backward+adam")
         out = {f"{n} wall": clocks[i + 1][0] - clocks[i][0] for i, n in enumerate(names)}
         out.update({f"{n} cpu": clocks[i + 1][1] - clocks[i][1] for i, n in enumerate(names)})
         out["step wall"] = clocks[-1][0] - clocks[0][0]
@@ -94,12 +98,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> float:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="8,16,32,64")
     parser.add_argument("--patch", default="96,96,64")
     parser.add_argument("--spacing", default="1.5,1.5,2.0")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rec-crops", default=str(LossConfig().rec_crop),
+                        help="comma-separated loss.rec_crop values, one dual-SSL variant each")
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -112,34 +118,38 @@ def main(argv: list[str] | None = None) -> float:
     spacing = tuple(float(v) for v in args.spacing.split(","))
     image, label = (t.to(device) for t in pancreas_like_batch(args.batch, patch, spacing))  # type: ignore[arg-type]
     net = build_model(ModelConfig(widths=tuple(int(w) for w in args.widths.split(",")))).to(device)
-    variants = {
-        "plain (lambdas 0)": Variant(net, LossConfig(lambda_con=0.0, lambda_rec=0.0), spacing),
-        "dual-SSL": Variant(copy.deepcopy(net), LossConfig(), spacing),
-    }
+    plain = "plain (lambdas 0)"
+    variants = {plain: Variant(net, LossConfig(lambda_con=0.0, lambda_rec=0.0), spacing)}
+    for crop in (float(c) for c in args.rec_crops.split(",")):
+        variants[f"dual rec_crop={crop:g}"] = Variant(copy.deepcopy(net), LossConfig(rec_crop=crop), spacing)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     names = list(variants)
     for name in names:  # warm-up (allocator, kernels, first skeletonize)
         variants[name].step(image, label, device)
     for i in range(args.repeats):
-        for name in names if i % 2 == 0 else names[::-1]:  # ABBA: drifts in machine load hit both alike
+        for name in names if i % 2 == 0 else names[::-1]:  # ABBA: drifts in machine load hit all alike
             times[name].append(variants[name].step(image, label, device))
-    dual = variants["dual-SSL"]
+            print(f"  repeat {i}: {name} step wall {times[name][-1]['step wall']:.2f} s", flush=True)
     print(f"device {device}, threads {torch.get_num_threads()}, widths {args.widths}, patch {patch}, "
           f"batch {args.batch}, {args.repeats} interleaved repeats (medians, seconds)")
-    print(f"dual-SSL loss parts of the last step: {dual.last_parts}; contrastive samples (pos, neg) = "
-          f"{dual.loss.contrastive.last_counts}")
+    for name in names[1:]:
+        print(f"{name}: loss parts of the last step {variants[name].last_parts}; contrastive samples "
+              f"(pos, neg) = {variants[name].loss.last_counts}")
     keys = list(times[names[0]][0])
-    print(f"  {'stage':18s}" + "".join(f"{name:>20s}" for name in names))
+    width = max(20, max(len(n) for n in names) + 2)
+    print(f"  {'stage':18s}" + "".join(f"{name:>{width}s}" for name in names))
     med = {name: {k: statistics.median(t[k] for t in times[name]) for k in keys} for name in names}
     for k in keys:
-        print(f"  {k:18s}" + "".join(f"{med[name][k]:20.3f}" for name in names))
-    ratio = med["dual-SSL"]["step wall"] / med["plain (lambdas 0)"]["step wall"]
-    ratio_cpu = med["dual-SSL"]["step cpu"] / med["plain (lambdas 0)"]["step cpu"]
+        print(f"  {k:18s}" + "".join(f"{med[name][k]:{width}.3f}" for name in names))
     for name in names:
         walls = ", ".join(f"{t['step wall']:.2f}" for t in times[name])
         print(f"  every step wall, {name}: {walls}")
-    print(f"ratio dual-SSL / plain = {ratio:.3f} wall-clock, {ratio_cpu:.3f} CPU time  (goal <= 1.25)")
-    return ratio
+    ratios = {}
+    for name in names[1:]:
+        ratios[name] = med[name]["step wall"] / med[plain]["step wall"]
+        ratio_cpu = med[name]["step cpu"] / med[plain]["step cpu"]
+        print(f"ratio {name} / plain = {ratios[name]:.3f} wall-clock, {ratio_cpu:.3f} CPU time  (goal <= 1.25)")
+    return ratios
 
 
 if __name__ == "__main__":

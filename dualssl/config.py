@@ -141,7 +141,7 @@ class LossConfig:
     rec_crop: float = 0.5
     """Side of the restoration forward's crop (the corrupted input, centred on a random band voxel)
     as a fraction of the patch side per axis, rounded to a multiple of 8; 1.0 = the whole patch.
-    0.5 (1/8 of the voxels) keeps a dual-SSL step within 1.25x a plain one (benchmarks/step_cost.py)."""
+    0.5 (1/8 of the voxels) adds ~1/8 of a forward+backward to a step (benchmarks/step_cost.py measures it)."""
     ring_kernel: tuple[int, int] = (10, 20)
     """Range of k (voxels, full resolution) of the k x k x (k-3) dilation giving the negative ring."""
     min_pos_voxels: int = 10

@@ -3,9 +3,10 @@
 Every worker runs :func:`train_loop_per_worker`. The engine stays Ray-free; this module only
 overrides two of its steps and adds one callback:
 
-* ``RayTrainer.wrap_model`` -> ``ray.train.torch.prepare_model`` (DDP; NCCL on CUDA, gloo on CPU,
-  chosen by ``TorchConfig`` in ``trainable.py``);
-* ``RayTrainer.wrap_loader`` -> ``ray.train.torch.prepare_data_loader`` (DistributedSampler);
+* ``RayTrainer.wrap_model`` -> ``ray.train.torch.prepare_model`` (DDP with :func:`ddp_options`; NCCL on
+  CUDA, gloo on CPU, chosen by ``TorchConfig`` in ``trainable.py``);
+* ``RayTrainer.wrap_loader`` -> ``dualssl.data.loaders.shard_loader`` (a DistributedSampler seeded
+  with ``optim.seed``);
 * ``RayReport.on_epoch_end`` -> ``ray.train.report`` on every rank (it is a barrier), with the
   checkpoint attached by rank 0 only.
 
@@ -26,6 +27,7 @@ import ray.train.torch
 import torch
 
 from dualssl.config import Config
+from dualssl.data.loaders import shard_loader
 from dualssl.engine import Callback, Trainer, fit, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -45,15 +47,27 @@ class RayTrainer(Trainer):
     progress = False  # Ray's own reporting replaces the tqdm bar
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        loss = self.cfg.loss
-        # A switched-off branch leaves its head without gradients; DDP must be told so.
-        unused = not (loss.contrastive_on and loss.restoration_on)
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(self.cfg))
 
     def wrap_loader(self, loader):
-        # The engine moves batches itself and calls sampler.set_epoch / reseeds the transform on a
-        # plain DataLoader; Ray's device-moving wrapper would hide those attributes.
-        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+        # Not prepare_data_loader: its DistributedSampler is seeded 0 whatever optim.seed says, and its
+        # device-moving wrapper would hide the sampler and dataset the engine reseeds every epoch.
+        if self.world_size == 1:
+            return loader
+        return shard_loader(loader, self.rank, self.world_size, self.cfg.optim.seed)
+
+
+def ddp_options(cfg: Config) -> dict[str, bool]:
+    """DistributedDataParallel options for the engine's step.
+
+    With restoration on, a step runs two forwards (clean patch, corrupted crop) before one backward,
+    so parameters are used twice: DDP needs ``static_graph`` (the same two forwards every step; it
+    also finds the parameters a forward leaves unused). Otherwise one forward; a switched-off
+    contrastive branch leaves the projection head without gradients (``find_unused_parameters``).
+    """
+    if cfg.loss.restoration_on:
+        return {"static_graph": True}
+    return {"find_unused_parameters": not cfg.loss.contrastive_on}
 
 
 class RayReport(Callback):

@@ -201,52 +201,60 @@ def _batch():
 
 def test_total_with_both_branches():
     torch.manual_seed(0)
-    cfg = LossConfig(lambda_con=0.3, lambda_rec=0.7, min_pos_voxels=3, corruption_ratio=0.5)
+    cfg = LossConfig(lambda_con=0.3, lambda_rec=0.7, min_pos_voxels=3, corruption_ratio=0.5, rec_crop=0.5)
     crit = DualSSLLoss(cfg, SPACING)
     image, label = _batch()
-    image_in, mask = crit.corrupt(image, label)
-    assert mask is not None and mask.any() and torch.equal(image_in[~mask.expand_as(image)], image[~mask.expand_as(image)])
+    before = image.clone()
+    corrupted = crit.corrupt(image, label)
+    assert torch.equal(image, before)  # the clean patch is not touched
+    assert corrupted.image.shape == (2, 1, 24, 24, 16) and corrupted.mask.any()
+    keep = ~corrupted.mask.expand_as(corrupted.clean)
+    assert torch.equal(corrupted.image[keep], corrupted.clean[keep])
     outputs = {"logits": torch.randn(2, 2, 48, 48, 32, requires_grad=True),
-               "embeddings": torch.nn.functional.normalize(torch.rand(2, 8, 6, 6, 4), dim=1).requires_grad_(),
-               "restored": torch.rand(2, 1, 48, 48, 32, requires_grad=True)}
-    parts = crit(outputs, label, image, mask)
+               "embeddings": torch.nn.functional.normalize(torch.rand(2, 8, 6, 6, 4), dim=1).requires_grad_()}
+    rec_outputs = {"logits": torch.randn(2, 2, 24, 24, 16, requires_grad=True),
+                   "restored": torch.rand(2, 1, 24, 24, 16, requires_grad=True)}
+    parts = crit(outputs, label, rec_outputs, corrupted)
     assert set(parts) == {"loss", "seg", "con", "rec"}
     assert parts["con"].item() > 0 and parts["rec"].item() > 0
+    expected_rec = restoration_loss(rec_outputs["restored"], corrupted.clean, corrupted.mask)
+    assert parts["rec"].item() == pytest.approx(expected_rec.item(), rel=1e-6)
     assert parts["loss"].item() == pytest.approx(parts["seg"].item() + 0.3 * parts["con"].item()
                                                  + 0.7 * parts["rec"].item(), rel=1e-6)
     parts["loss"].backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in outputs.values())
+    assert rec_outputs["restored"].grad.abs().sum() > 0
+    assert rec_outputs["logits"].grad is None  # the corrupted forward's logits are never scored
 
 
 def test_switched_off_branches_are_exact_zeros_and_not_needed():
     crit = DualSSLLoss(LossConfig(lambda_con=0.0, lambda_rec=0.0), SPACING)
     image, label = _batch()
-    image_in, mask = crit.corrupt(image, label)
-    assert image_in is image and mask is None
+    assert crit.corrupt(image, label) is None
     logits = torch.randn(2, 2, 48, 48, 32, requires_grad=True)
-    parts = crit({"logits": logits}, label, image, None)  # no embeddings, no restored: nothing asks for them
+    parts = crit({"logits": logits}, label)  # no embeddings, no restoration forward: nothing asks for them
     assert parts["con"].item() == 0.0 and parts["rec"].item() == 0.0
     assert torch.equal(parts["loss"], parts["seg"])
     with pytest.raises(ValueError, match="loss.lambda_con"):
-        DualSSLLoss(LossConfig(lambda_con=0.1, lambda_rec=0.0), SPACING)({"logits": logits}, label, image, None)
+        DualSSLLoss(LossConfig(lambda_con=0.1, lambda_rec=0.0), SPACING)({"logits": logits}, label)
     with pytest.raises(ValueError, match="loss.lambda_rec"):
-        DualSSLLoss(LossConfig(lambda_con=0.0, lambda_rec=0.1), SPACING)({"logits": logits}, label, image, None)
+        DualSSLLoss(LossConfig(lambda_con=0.0, lambda_rec=0.1), SPACING)({"logits": logits}, label)
 
 
 def test_entropy_widen_needs_probabilities():
-    crit = DualSSLLoss(LossConfig(entropy_widen=True), SPACING)
+    crit = DualSSLLoss(LossConfig(entropy_widen=True, rec_crop=1.0), SPACING)
     image, label = _batch()
     with pytest.raises(ValueError, match="loss.entropy_widen"):
         crit.corrupt(image, label)
     probs = torch.full((2, 2, 48, 48, 32), 0.5)  # maximal entropy everywhere: the whole patch is the region
-    _, mask = crit.corrupt(image, label, probs=probs)
-    assert mask.float().mean().item() == pytest.approx(0.5, abs=0.05)
+    corrupted = crit.corrupt(image, label, probs=probs)
+    assert corrupted.mask.float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("field, value", [("tau", 0.0), ("tau", -0.1), ("corruption_ratio", 1.5),
                                           ("corruption_ratio", -0.1), ("lambda_con", -1.0),
                                           ("lambda_rec", -0.5), ("entropy_threshold", 1.5),
-                                          ("min_pos_voxels", -1)])
+                                          ("min_pos_voxels", -1), ("rec_crop", 0.0), ("rec_crop", 1.5)])
 def test_bad_loss_config_names_the_field(field, value):
     cfg = Config().with_overrides({f"loss.{field}": value})
     with pytest.raises(ConfigError, match=f"loss.{field}"):

@@ -37,8 +37,10 @@ class ConsoleLogger(Callback):
     def on_epoch_end(self, trainer, epoch, metrics, state_fn):
         if not trainer.is_main_process:
             return
-        shown = ("loss", "loss_seg", "loss_con", "loss_rec", "val_dice_patch", "val_dice", "lr")
+        shown = ("loss", "loss_seg", "loss_con", "loss_rec", "rec_ratio", "val_dice_patch", "val_dice", "lr")
         text = "  ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics and not math.isnan(metrics[k]))
+        if metrics.get("nonfinite_steps", 0) > 0:
+            text += f"  SKIPPED {int(metrics['nonfinite_steps'])} non-finite steps"
         trainer.write(f"epoch {epoch:4d}  {text}")
 
 
@@ -98,8 +100,10 @@ def plot_progress(history: list[dict[str, float]], path: str | Path) -> Path:
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     for key, style in (("val_dice_patch", "--"), ("val_dice", "-o")):
-        if any(key in h for h in history):
-            ax2.plot(epochs, [h.get(key, math.nan) for h in history], style, color="black", label=key, ms=3)
+        # only measured epochs (unmeasured ones are NaN): a line through the measured points
+        points = [(e, h[key]) for e, h in zip(epochs, history) if not math.isnan(h.get(key, math.nan))]
+        if points:
+            ax2.plot(*zip(*points), style, color="black", label=key, ms=3)
     ax2.set_ylabel("Dice")
     ax2.set_ylim(0, 1)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]

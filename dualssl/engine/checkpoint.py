@@ -2,6 +2,10 @@
 
 They load with ``torch.load(weights_only=True)`` (the default since torch 2.6) and resume exactly:
 model, optimizer, scheduler, grad scaler, epoch, best-so-far, history and RNG states.
+
+Under DDP only rank 0 writes the checkpoint, so ``rng`` holds every rank's RNG state, a list indexed
+by rank (:func:`gather_rng_states`, a collective every rank calls at the epoch boundary); on resume each
+rank restores its own (:func:`restore_rank_rng`). Older checkpoints (one process) hold one dict there.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import random
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import warnings
 
 import numpy as np
 import torch
@@ -43,6 +49,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed that is a function of ``keys`` only (NumPy's ``SeedSequence``), so
+    ``(seed, epoch, rank)`` and ``(seed + 1, epoch, rank - 1)`` do not collide as sums would."""
+    return int(np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1)[0])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, indexed by rank (one entry without a process group).
+
+    A collective: under ``torch.distributed`` every rank must call it, at the same point."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rank_rng(saved: dict[str, Any] | list[dict[str, Any]], rank: int, fallback_seed: int) -> bool:
+    """Restore this rank's entry of a checkpoint's ``rng`` (a list by rank, or one format-1 dict);
+    a rank the checkpoint has no state for (more ranks than wrote it) is seeded with ``fallback_seed``
+    instead, with a warning that the resume is then not exact. Returns whether the state was restored."""
+    states = [saved] if isinstance(saved, dict) else list(saved)
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return True
+    warnings.warn(f"checkpoint holds RNG states of {len(states)} rank(s), none for rank {rank}: seeding it "
+                  f"afresh, so this resume is not bitwise the uninterrupted run (resume with the same world "
+                  f"size for that)", stacklevel=2)
+    random.seed(fallback_seed)
+    np.random.seed(fallback_seed % 2**32)
+    torch.manual_seed(fallback_seed)
+    return False
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

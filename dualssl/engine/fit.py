@@ -7,11 +7,12 @@ and the tests run the very same loop.
 One epoch::
 
     for batch in loader:                      # (B, 1, *patch) image and label
-        image_in, mask = loss.corrupt(image, label)        # restoration branch (identity when off)
-        outputs = model(image_in, embeddings=..., restoration=...)
-        parts = loss(outputs, label, image, mask)          # loss, seg, con, rec
-        backward, clip, step
-    validate: cheap patch Dice every epoch, whole-volume Dice every eval.val_every epochs
+        outputs = model(image, embeddings=...)             # CLEAN patch: segmentation + contrastive
+        corrupted = loss.corrupt(image, label)             # crop around the band (None when off)
+        rec_outputs = model(corrupted.image, restoration=True)   # restoration loss only
+        parts = loss(outputs, label, rec_outputs, corrupted)     # loss, seg, con, rec
+        backward, clip, step (skipped, and counted, when not finite)
+    validate: cheap patch Dice every epoch, whole-volume Dice every eval.val_every epochs (NaN between)
     callbacks.on_epoch_end(metrics, state_fn)
 """
 
@@ -24,15 +25,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from dualssl.config import Config
+from dualssl.config import VALIDATION_METRICS, Config
 from dualssl.engine.callbacks import Callback
-from dualssl.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, set_rng_state
+from dualssl.engine.checkpoint import (CHECKPOINT_FORMAT, derive_seed, gather_rng_states, load_checkpoint,
+                                       restore_rank_rng)
 from dualssl.precision import amp_dtype
 
 
@@ -47,6 +49,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _epoch_passes(loader: Any, epoch: int, seed: int, steps: int) -> Iterator[dict[str, Any]]:
+    """``steps`` batches (one pass when ``steps <= 0``), passing over ``loader`` as often as needed.
+
+    Before each pass the dataset and the sampler are keyed by ``(seed, epoch, pass)``, so a second
+    pass in the same epoch gets new patches and a new order, and every pass is the same on a resume."""
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    done = 0
+    for pass_index in itertools.count():
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch, seed=seed, pass_index=pass_index)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: order = f(sampler seed + this)
+            sampler.set_epoch((epoch << 20) + pass_index)
+        yielded = False
+        for batch in loader:
+            yield batch
+            yielded, done = True, done + 1
+            if 0 < steps <= done:
+                return
+        if steps <= 0 or not yielded:
+            return
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -65,6 +90,8 @@ class Trainer:
     """Trains a DualSSLNet on the source site(s) of ``cfg``; override a step to change it."""
 
     progress: bool = True
+    _nonfinite_run: int = 0  # non-finite steps in a row (see optimizer_step, optim.max_nonfinite_steps)
+    last_nonfinite: str = ""  # the non-finite parts of the latest skipped step
 
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (), out_dir: str | Path | None = None,
                  device: torch.device | str | None = None):
@@ -76,6 +103,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.best_epoch = -1
         self.history: list[dict[str, float]] = []
+        self._rng_snapshot: tuple[int, list[dict[str, Any]]] | None = None  # (epoch, RNG state by rank)
         self._is_setup = False
 
     # --- environment ---------------------------------------------------------------------
@@ -152,63 +180,135 @@ class Trainer:
                               enabled=self.amp_dtype is not None)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward, loss parts, backward and optimizer step on one batch of patches.
+        """One batch of patches: forward of the CLEAN patch (segmentation and contrastive losses),
+        forward of the corrupted crop (restoration loss only), then ``optimizer_step``.
 
-        Returns the detached loss parts as device tensors: reading them as floats here would
-        synchronise the GPU four times a step, so ``train_epoch`` does it once an epoch."""
+        The band the restoration branch corrupts comes from the ground-truth label, so no loss
+        but restoration ever sees the corrupted input (no label shortcut; ``dualssl.losses.composite``).
+
+        Returns detached tensors: the loss parts ``loss, loss_seg, loss_con, loss_rec`` (device);
+        the branches' sample counts ``con_pos, con_neg`` (contrastive cells), ``rec_changed``
+        (voxels the corruption changed) and ``rec_region`` (band voxels in the crops); and
+        ``finite`` (CPU, 1 = the optimizer stepped, 0 = skipped as non-finite). Loss parts stay on
+        the device: ``train_epoch`` reads them once an epoch.
+        """
         loss_cfg = self.cfg.loss
         image = batch["image"].to(self.device, non_blocking=True).float()
         label = batch["label"].to(self.device, non_blocking=True)
-        image_in, corrupt_mask = self.criterion.corrupt(image, label, probs=self.band_probs(image))
         with self.autocast():
-            outputs = self.model(image_in, embeddings=loss_cfg.contrastive_on, restoration=loss_cfg.restoration_on)
+            outputs = self.model(image, embeddings=loss_cfg.contrastive_on)
         outputs = {k: v.float() for k, v in outputs.items() if v is not None}
-        parts = self.criterion(outputs, label, image, corrupt_mask)
+        corrupted = self.criterion.corrupt(image, label, probs=self.band_probs(outputs))
+        rec_outputs = None
+        if corrupted is not None:
+            with self.autocast():
+                rec_outputs = self.model(corrupted.image, restoration=True)
+            rec_outputs = {k: v.float() for k, v in rec_outputs.items() if v is not None}
+        parts = self.criterion(outputs, label, rec_outputs, corrupted)
+        stepped = self.optimizer_step(parts)
+        out = {("loss" if k == "loss" else f"loss_{k}"): v.detach() for k, v in parts.items()}
+        pos, neg = self.criterion.last_counts
+        out["con_pos"], out["con_neg"] = torch.tensor(float(pos)), torch.tensor(float(neg))
+        zero = torch.zeros((), device=self.device)
+        out["rec_changed"] = corrupted.changed_voxels.sum() if corrupted is not None else zero
+        out["rec_region"] = corrupted.region_voxels.sum() if corrupted is not None else zero
+        out["finite"] = torch.tensor(float(stepped))
+        return out
+
+    def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool:
+        """Backward, clip and step; returns False (and changes no weight, no optimizer state) when a
+        loss part, or the gradient norm, is not finite. All ranks take the same decision.
+
+        With fp16 loss scaling an overflowing gradient is GradScaler's business (it skips that step
+        and lowers the scale, as usual) and is not counted here. Reading the flag is this step's one
+        host sync, on purpose: a skipped step must leave Adam's moments alone, which zeroing the
+        gradients on the device (``torch.where``) would not, and it is read only once backward and
+        clipping are queued, so the GPU idles just for the optimizer's launch.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts["loss"]).backward()
-        if self.cfg.optim.grad_clip > 0:
+        scaled = self.scaler.is_enabled()
+        if scaled:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return {("loss" if k == "loss" else f"loss_{k}"): v.detach() for k, v in parts.items()}
+        if self.cfg.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters() if p.grad is not None])
+        finite = torch.isfinite(torch.stack([v.detach().float() for v in parts.values()])).all()
+        if not scaled:
+            finite = finite & torch.isfinite(norm)
+        bad = _all_reduce_sum((~finite).to(torch.float32).reshape(1))
+        if float(bad) == 0:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return True
+        if scaled:
+            self.scaler.update()  # unscale_ recorded the inf checks; found_inf lowers the scale
+        self.optimizer.zero_grad(set_to_none=True)
+        named = [f"loss{'' if k == 'loss' else '_' + k}={float(v):.4g}" for k, v in parts.items()
+                 if not math.isfinite(float(v.detach()))]
+        if not math.isfinite(float(norm)):
+            named.append(f"gradient norm={float(norm):.4g}")
+        self.last_nonfinite = ", ".join(named) or "a part on another rank"
+        return False
 
     @torch.no_grad()
-    def band_probs(self, image: torch.Tensor) -> torch.Tensor | None:
-        """Softmax of a no-grad forward of the clean batch, only when ``loss.entropy_widen`` asks for it
-        (high-entropy voxels then join the corruption band; costs one extra forward)."""
+    def band_probs(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Softmax of the clean forward's detached logits ``(B, K, X, Y, Z)``, only when
+        ``loss.entropy_widen`` asks for it (high-entropy voxels then join the corruption band)."""
         if not (self.cfg.loss.restoration_on and self.cfg.loss.entropy_widen):
             return None
-        with self.autocast():
-            return torch.softmax(self.net(image)["logits"].float(), dim=1)
+        return torch.softmax(outputs["logits"].detach().float(), dim=1)
 
     def epoch_batches(self, epoch: int) -> Iterable[dict[str, Any]]:
-        """The training batches of one epoch; the data pipeline is reseeded per epoch so a resume
-        at an epoch boundary replays exactly the same patches."""
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        dataset = getattr(self.train_loader, "dataset", None)
-        transform = getattr(dataset, "transform", None)
-        if hasattr(transform, "set_random_state"):
-            transform.set_random_state(seed=(self.cfg.optim.seed * 1000 + epoch * 10 + self.rank) % 2**31)
-        steps = self.cfg.optim.steps_per_epoch
-        if steps <= 0:
-            return iter(self.train_loader)
-        return itertools.islice(itertools.chain.from_iterable(itertools.repeat(self.train_loader)), steps)
+        """The training batches of one epoch, a function of ``(optim.seed, epoch, rank)`` only.
+
+        The loader's generator (shuffle of a plain loader, workers' base seeds) is reseeded from
+        ``(seed, epoch, rank)``; the dataset's patches and a DistributedSampler's order are keyed by
+        ``(seed, epoch, pass)`` (see :func:`_epoch_passes`), so a resume replays the same batches
+        with any ``data.num_workers``."""
+        seed = self.cfg.optim.seed
+        generator = getattr(self.train_loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(derive_seed(seed, epoch, self.rank))
+        return _epoch_passes(self.train_loader, epoch, seed, self.cfg.optim.steps_per_epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch; metrics: means of the loss parts over the steps taken, ``nonfinite_steps``
+        (skipped), ``con_pos``/``con_neg`` (contrastive samples per step), ``rec_ratio`` (changed
+        voxels / band voxels over the epoch, the realised corruption ratio), ``steps``, time, lr.
+
+        Raises ``FloatingPointError`` after ``optim.max_nonfinite_steps`` non-finite steps in a row."""
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
-        n = 0
+        n = skipped = 0
         start = time.perf_counter()
+        limit = self.cfg.optim.max_nonfinite_steps
         for batch in self.epoch_batches(epoch):
-            for key, value in self.train_step(batch).items():
-                sums[key] = sums[key] + value if key in sums else value.double()
+            out = self.train_step(batch)
             n += 1
+            if not bool(out.pop("finite", True)):
+                skipped += 1
+                self._nonfinite_run += 1
+                if self._nonfinite_run >= limit:
+                    raise FloatingPointError(
+                        f"epoch {epoch}, step {n - 1}: {self._nonfinite_run} training steps in a row were not "
+                        f"finite (last: {self.last_nonfinite}); they were skipped, so the weights are those "
+                        f"before them. Check the inputs for NaN/inf, lower optim.lr or set optim.grad_clip, "
+                        f"or raise optim.max_nonfinite_steps (now {limit})")
+                continue
+            self._nonfinite_run = 0
+            for key, value in out.items():
+                sums[key] = sums[key] + value if key in sums else value.double()
         if n == 0:
             raise RuntimeError("the training loader yielded no batch: check data.source_sites and the dataset")
-        metrics = {k: float(v) / n for k, v in sums.items()}
+        taken = n - skipped
+        changed, region = (float(sums.pop(k, 0.0)) for k in ("rec_changed", "rec_region"))
+        metrics = {k: float(v) / taken for k, v in sums.items()}
+        if taken == 0:
+            metrics.update({k: math.nan for k in ("loss", "loss_seg", "loss_con", "loss_rec")})
+        metrics["rec_ratio"] = changed / region if region > 0 else (math.nan if self.cfg.loss.restoration_on else 0.0)
+        metrics["nonfinite_steps"] = float(skipped)
         metrics["steps"] = float(n)
         metrics["epoch_time_s"] = time.perf_counter() - start
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
@@ -217,7 +317,8 @@ class Trainer:
     # --- validation -----------------------------------------------------------------------
     @torch.inference_mode()
     def validate_patches(self) -> float:
-        """Cheap metric: global Dice of argmax over the fixed validation patches (all ranks share)."""
+        """Cheap metric: global Dice of argmax over the fixed validation patches (all ranks share);
+        NaN when neither the predictions nor the labels hold any foreground."""
         self.net.eval()
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         loader = self.data.val_patch_loader
@@ -232,7 +333,8 @@ class Trainer:
             stats[0] += 2 * (pred & label).sum()
             stats[1] += pred.sum() + label.sum()
         stats = _all_reduce_sum(stats)
-        return float(stats[0] / stats[1]) if stats[1] > 0 else 1.0
+        # No foreground in prediction nor label: Dice is undefined (NaN), not a perfect 1.
+        return float(stats[0] / stats[1]) if stats[1] > 0 else math.nan
 
     @torch.inference_mode()
     def validate_volumes(self) -> float:
@@ -259,14 +361,14 @@ class Trainer:
         return float(stats[0] / stats[1]) if stats[1] > 0 else math.nan
 
     def validate(self, epoch: int) -> dict[str, float]:
+        """``val_dice_patch`` every epoch; ``val_dice`` (whole volumes) every ``eval.val_every`` epochs
+        and at the last, NaN in the others (never last epoch's value); ``val_measured`` 1/0 says which."""
         metrics = {"val_dice_patch": self.validate_patches()}
         last = epoch == self.cfg.optim.epochs - 1
-        if (epoch + 1) % self.cfg.eval.val_every == 0 or last:
-            metrics["val_dice"] = self.validate_volumes()
-        elif self.history:
-            metrics["val_dice"] = self.history[-1].get("val_dice", math.nan)
-        else:
-            metrics["val_dice"] = math.nan
+        measured = (epoch + 1) % self.cfg.eval.val_every == 0 or last
+        metrics["val_dice"] = self.validate_volumes() if measured else math.nan
+        metrics["val_measured"] = float(measured)
+        assert set(VALIDATION_METRICS) <= set(metrics), "config.VALIDATION_METRICS lists what validate() reports"
         return metrics
 
     # --- state ----------------------------------------------------------------------------
@@ -283,8 +385,23 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": [dict(h) for h in self.history],
-            "rng": rng_state(),
+            "rng": self._rng_states(),
         }
+
+    def capture_rng_states(self) -> None:
+        """Gather every rank's RNG state for the checkpoint of the epoch just ended.
+
+        A collective: every rank calls it (``run`` does, before the epoch's callbacks), because
+        ``state_dict`` runs on rank 0 alone."""
+        self._rng_snapshot = (self.epoch, gather_rng_states())
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        if self._rng_snapshot is not None and self._rng_snapshot[0] == self.epoch:
+            return self._rng_snapshot[1]
+        if self.world_size > 1:
+            raise RuntimeError("state_dict under DDP needs every rank's RNG state: call capture_rng_states() "
+                               "on every rank first (Trainer.run does so at the end of each epoch)")
+        return gather_rng_states()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.setup()
@@ -296,7 +413,9 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.history = [dict(h) for h in state["history"]]
-        set_rng_state(state["rng"])
+        # This rank's own RNG state (the corruptions and contrastive samples differ per rank).
+        restore_rank_rng(state["rng"], self.rank,
+                         fallback_seed=derive_seed(self.cfg.optim.seed, self.epoch, self.rank))
 
     def resume(self, source: str | Path | dict[str, Any]) -> None:
         state = source if isinstance(source, dict) else load_checkpoint(source, map_location="cpu")
@@ -321,10 +440,12 @@ class Trainer:
             self.scheduler.step()
             self.epoch = epoch + 1
             value = metrics.get(selection, math.nan)
+            # only measured epochs compete: unmeasured ones carry NaN (validate), which never wins
             if not math.isnan(value) and value > self.best_metric:
                 self.best_metric, self.best_epoch = value, epoch
             metrics[f"best_{selection}"] = self.best_metric
             self.history.append(metrics)
+            self.capture_rng_states()  # a collective: state_dict runs on rank 0 only
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{metrics['loss']:.3f}", dice=f"{metrics.get('val_dice', math.nan):.3f}")
             for cb in self.callbacks:

@@ -3,13 +3,13 @@
 from dualssl.losses.composite import DualSSLLoss
 from dualssl.losses.contrastive import StructureContrastiveLoss, SupervisedNTXentLoss
 from dualssl.losses.corruptions import CORRUPTION_TABLE, corrupt_batch, select_voxels
-from dualssl.losses.restoration import corrupt_region, restoration_loss
+from dualssl.losses.restoration import Corrupted, corrupt_region, restoration_loss
 from dualssl.losses.sampling import sample_batch, sample_volume
 from dualssl.losses.segmentation import segmentation_loss
 from dualssl.losses.uncertainty import boundary_band, uncertainty_region
 
 __all__ = [
-    "DualSSLLoss", "StructureContrastiveLoss", "SupervisedNTXentLoss", "CORRUPTION_TABLE",
+    "Corrupted", "DualSSLLoss", "StructureContrastiveLoss", "SupervisedNTXentLoss", "CORRUPTION_TABLE",
     "corrupt_batch", "select_voxels", "corrupt_region", "restoration_loss", "sample_batch",
     "sample_volume", "segmentation_loss", "boundary_band", "uncertainty_region",
 ]

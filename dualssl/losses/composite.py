@@ -1,9 +1,15 @@
 """The total loss: Dice+CE + lambda_con * structure contrastive + lambda_rec * band restoration.
 
-A branch whose lambda is 0 is off entirely: no sampling, no corruption, and (the engine calls
-``model(x, embeddings=loss_cfg.contrastive_on, restoration=loss_cfg.restoration_on)``) no head
-compute; its part is an exact zero. With both lambdas at 0 this is the plain U-Net baseline
+A branch whose lambda is 0 is off entirely: no sampling, no corruption, no second forward and no
+head compute; its part is an exact zero. With both lambdas at 0 this is the plain U-Net baseline
 through the same code path.
+
+Per-step protocol (no label shortcut): the band that restoration corrupts is drawn from the
+ground-truth label, so a corrupted input tells a network where the boundary is. Segmentation and
+contrastive losses are therefore computed on a forward of the CLEAN patch only; the corrupted
+image (a crop around the band, ``loss.rec_crop``, see ``dualssl.losses.restoration``) goes through a
+second forward whose only loss is restoration. Nothing the segmentation head is trained on ever
+carries the corruption's placement.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import nn
 
 from dualssl.config import LossConfig
 from dualssl.losses.contrastive import StructureContrastiveLoss
-from dualssl.losses.restoration import corrupt_region, restoration_loss
+from dualssl.losses.restoration import Corrupted, corrupt_region, restoration_loss
 from dualssl.losses.segmentation import segmentation_loss
 from dualssl.losses.uncertainty import band_radius
 
@@ -25,13 +31,16 @@ class DualSSLLoss(nn.Module):
 
     Per step::
 
-        image_in, corrupt_mask = loss.corrupt(image, label)          # identity, None if lambda_rec == 0
-        outputs = model(image_in, embeddings=cfg.contrastive_on, restoration=cfg.restoration_on)
-        parts = loss(outputs, label, image, corrupt_mask)            # dict(loss, seg, con, rec)
+        outputs = model(image, embeddings=cfg.contrastive_on)            # CLEAN patch: logits (+ embeddings)
+        corrupted = loss.corrupt(image, label)                           # None if lambda_rec == 0
+        rec_outputs = model(corrupted.image, restoration=True) if corrupted else None
+        parts = loss(outputs, label, rec_outputs, corrupted)             # dict(loss, seg, con, rec)
         parts["loss"].backward()
 
-    Shapes: image ``(B, C, X, Y, Z)`` in [0, 1]; label ``(B, 1, X, Y, Z)`` in {0, 1}; outputs as
-    returned by ``DualSSLNet``; every part is a float32 scalar tensor.
+    ``seg`` and ``con`` read ``outputs`` only; ``rec`` reads ``rec_outputs["restored"]`` only (its
+    logits are never scored). Shapes: image ``(B, C, X, Y, Z)`` in [0, 1]; label ``(B, 1, X, Y, Z)``
+    in {0, 1}; outputs as returned by ``DualSSLNet``; every part is a float32 scalar tensor.
+    ``last_counts`` holds the contrastive ``(positives, negatives)`` of the latest call.
     """
 
     def __init__(self, loss_cfg: LossConfig, spacing: Sequence[float]) -> None:
@@ -45,27 +54,40 @@ class DualSSLLoss(nn.Module):
             loss_cfg.tau, ring_kernel=tuple(loss_cfg.ring_kernel),  # type: ignore[arg-type]
             min_pos_voxels=loss_cfg.min_pos_voxels, min_neg_voxels=loss_cfg.min_neg_voxels)
 
+    @property
+    def last_counts(self) -> tuple[int, int]:
+        """Contrastive ``(num_pos, num_neg)`` samples of the latest call ((0, 0) when the branch is off)."""
+        return self.contrastive.last_counts if self.cfg.contrastive_on else (0, 0)
+
     @torch.no_grad()
     def corrupt(self, image: torch.Tensor, label: torch.Tensor, *,
-                probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Network input and corrupted voxels: ``(image_in (B, C, X, Y, Z), corrupt_mask (B, 1, X, Y, Z) bool | None)``.
+                probs: torch.Tensor | None = None) -> Corrupted | None:
+        """The restoration forward's input: a :class:`Corrupted` crop (``loss.rec_crop``) of ``image``
+        with ``loss.corruption_ratio`` of its band voxels changed; ``None`` when ``loss.lambda_rec == 0``.
 
-        Identity and ``None`` when ``loss.lambda_rec == 0``. With ``loss.entropy_widen`` the caller
-        passes ``probs`` ``(B, K, X, Y, Z)``, softmax probabilities of a prediction of this batch
-        (e.g. a no-grad forward of the clean image); high-entropy voxels then join the band.
+        ``image`` ``(B, C, X, Y, Z)`` is not modified. With ``loss.entropy_widen`` the caller passes
+        ``probs`` ``(B, K, X, Y, Z)``, softmax probabilities of a prediction of this batch (e.g. the
+        detached logits of the clean forward); high-entropy voxels then join the band.
         """
         if not self.cfg.restoration_on:
-            return image, None
+            return None
         if self.cfg.entropy_widen and probs is None:
             raise ValueError("loss.entropy_widen is on but corrupt() got no probs: pass probs=softmax of a "
                              "prediction of this batch, or set loss.entropy_widen=false")
         return corrupt_region(image, label, self.spacing, ratio=self.cfg.corruption_ratio,
-                              band_mm=self.cfg.band_mm, probs=probs if self.cfg.entropy_widen else None,
+                              band_mm=self.cfg.band_mm, crop=self.cfg.rec_crop,
+                              probs=probs if self.cfg.entropy_widen else None,
                               entropy_threshold=self.cfg.entropy_threshold)
 
-    def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor, clean_image: torch.Tensor,
-                corrupt_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``dict(loss, seg, con, rec)``: the total and its unweighted parts."""
+    def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor,
+                rec_outputs: dict[str, torch.Tensor] | None = None,
+                corrupted: Corrupted | None = None) -> dict[str, torch.Tensor]:
+        """``dict(loss, seg, con, rec)``: the total and its unweighted parts.
+
+        ``outputs``: the forward of the clean patch (``logits``, plus ``embeddings`` when the
+        contrastive branch is on); ``rec_outputs``: the forward of ``corrupted.image`` with
+        ``restoration=True`` (only its ``restored`` is used).
+        """
         if "logits" not in outputs:
             raise ValueError("outputs has no 'logits': pass the dict returned by DualSSLNet.forward")
         logits = outputs["logits"]
@@ -83,9 +105,9 @@ class DualSSLLoss(nn.Module):
             con = self.contrastive(outputs["embeddings"], label)
             total = total + self.cfg.lambda_con * con
         if self.cfg.restoration_on:
-            if "restored" not in outputs or corrupt_mask is None:
-                raise ValueError("loss.lambda_rec > 0 needs outputs['restored'] (call model(x, "
-                                 "restoration=loss_cfg.restoration_on)) and the corrupt_mask from corrupt()")
-            rec = restoration_loss(outputs["restored"], clean_image, corrupt_mask, self.cfg.rec_loss)
+            if rec_outputs is None or "restored" not in rec_outputs or corrupted is None:
+                raise ValueError("loss.lambda_rec > 0 needs corrupted = loss.corrupt(image, label) and "
+                                 "rec_outputs = model(corrupted.image, restoration=True)")
+            rec = restoration_loss(rec_outputs["restored"], corrupted.clean, corrupted.mask, self.cfg.rec_loss)
             total = total + self.cfg.lambda_rec * rec
         return {"loss": total, "seg": seg, "con": con, "rec": rec}
