@@ -7,6 +7,7 @@ that ``dualssl --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,11 +25,13 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
             axis, values = parse_sweep_spec(spec)
             sweeps.setdefault(axis, []).extend(values)
         root = generate_sweep_dataset(args.out, sweeps, cases_per_site=args.cases_per_site, seed=args.seed,
-                                      scale=args.scale, base=args.sweep_base, workers=args.workers)
+                                      scale=args.scale, base=args.sweep_base, workers=args.workers,
+                                      shape_bank=args.shape_bank)
     else:
         sites = [s for s in args.sites.split(",") if s] if args.sites else None
         root = generate_dataset(args.out, sites=sites, cases_per_site=args.cases_per_site,
-                                seed=args.seed, scale=args.scale, workers=args.workers)
+                                seed=args.seed, scale=args.scale, workers=args.workers,
+                                shape_bank=args.shape_bank)
     print(f"phantom dataset written to {root}")
     return 0
 
@@ -87,6 +90,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from dualssl.evaluation.run import predict_paths
 
+    if args.model and args.tracking_uri and str(args.model).startswith(("models:/", "runs:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)  # the model registry follows the tracking store
     written = predict_paths(args.model or args.checkpoint, args.inputs, args.output, tta=args.tta)
     for path in written:
         print(path)
@@ -109,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="severity sweep: one site per value of AXIS (noise, hu_offset, hu_scale, slice, phase, "
                         "cupping, truncation, pixel; units in docs/PHANTOM.md), plus the base site; repeatable")
     p.add_argument("--sweep-base", default="pv_standard", help="site the sweeps derive from (default pv_standard)")
+    p.add_argument("--shape-bank", type=Path, default=None, metavar="DIR",
+                   help="folder of real pancreas masks (e.g. the MSD Task07 labels): each case's pancreas is one "
+                        "of them, deformed and placed in the anatomy (default: the procedural pancreas)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("verify-dataset", help="report every problem of a dataset at once")
@@ -139,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="NIfTI files or folders of them")
     p.add_argument("-o", "--output", required=True, type=Path, help="output file (one input) or folder")
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow store of a models:/ or runs:/ URI, e.g. sqlite:////abs/study/mlflow.db "
+                        "(default: MLFLOW_TRACKING_URI)")
     p.set_defaults(func=_cmd_predict)
     return parser
 

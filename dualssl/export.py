@@ -172,7 +172,18 @@ def load_model(source: str | Path, device: str | torch.device | None = None, *,
     """
     from safetensors.torch import load_file
 
-    folder = _resolve_folder(source, download_dir)
+    try:
+        folder = _resolve_folder(source, download_dir)
+    except Exception as exc:  # MlflowException: a registered model, version or alias that is not there
+        if type(exc).__name__ != "MlflowException":
+            raise
+        import mlflow
+
+        raise FileNotFoundError(
+            f"{source}: not found in the MLflow store {mlflow.get_registry_uri()} (tracking URI "
+            f"{mlflow.get_tracking_uri()}): {str(exc).splitlines()[0][:300]}; pass the store the study "
+            "registered it in with --tracking-uri (or MLFLOW_TRACKING_URI), e.g. "
+            "sqlite:////abs/path/study/mlflow.db, or give an exported model folder") from exc
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing; {folder} is not a complete dualssl model "

@@ -4,6 +4,11 @@ Trials that ASHA stopped never reach their own cross-site evaluation (Tune ends 
 the driver evaluates their best checkpoint here, from the Train run stored under the trial id,
 and adds the numbers to the trial's MLflow run. The trial table (``trials.json``/``trials.csv``)
 and ``study.json`` in the study folder are what ``export_best.py`` reads.
+
+A multi-objective study (``--objectives val_dice,val_stability``) ends with its Pareto front
+(``studies/pareto.py``) and exports the front's documented point, or ``--export-trial ID``; every
+study ends with the parameter importance of its Optuna study (``studies/importance.py``). A study
+continued with a larger ``--num-samples`` keeps the rows of its earlier trials in the table.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import ray.train
 
 from studies.crosssite import flat_metrics, is_cross_metric, remote_evaluate
 from studies.trainable import FINAL_KEY, best_checkpoint, checkpoint_history, objective, split_config, write_artifacts
+from studies.objectives import objective_values
 from studies.tracking import log_study_summary, log_trial_outcome, trial_runs
 
 
@@ -148,20 +154,105 @@ def format_report(rows: list[dict[str, Any]], best: dict[str, Any] | None, selec
     return "\n".join(lines)
 
 
-def finish_study(grid, manifest: dict[str, Any], export: bool = True) -> dict[str, Any]:
-    """Fill in every trial, rank them, log the parent summary and export the best model."""
+def _previous_rows(study_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of earlier runs of a continued study (trials.json) that this run's grid does not hold."""
+    path = study_dir / "trials.json"
+    if not path.is_file():
+        return []
+    seen = {r["trial_id"] for r in rows}
+    return [r for r in json.loads(path.read_text()) if r.get("trial_id") not in seen]
+
+
+def _chosen_row(rows: list[dict[str, Any]], trial_id: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the row of ``trial_id``, None), or (None, a note) when it is not a completed trial."""
+    row = next((r for r in rows if r["trial_id"] == trial_id), None)
+    if row is None or row.get("status") != "completed" or not row.get("best_checkpoint"):
+        have = ", ".join(r["trial_id"] for r in rows if r.get("status") == "completed") or "none"
+        return None, (f"--export-trial {trial_id}: not a completed trial of this study (completed: {have}); "
+                      "exported by the selection rule instead")
+    return row, None
+
+
+def export_row(study_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Export one given trial exactly as ``export_best.export_study`` exports its best one: that
+    function runs on a copy of the manifest whose table holds this row only, writing into STUDY/model."""
+    import tempfile
+
+    from studies.export_best import export_study
+
+    with tempfile.TemporaryDirectory(prefix="dualssl-export-") as tmp:
+        (Path(tmp) / "study.json").write_text((study_dir / "study.json").read_text())
+        (Path(tmp) / "trials.json").write_text(json.dumps([row], default=str))
+        result = export_study(tmp, out=study_dir / "model")
+    result["exported_by"] = "studies.finish.export_row (Pareto rule or --export-trial)"
+    (study_dir / "export.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _search_outcome(study_dir: Path, manifest: dict[str, Any], rows: list[dict[str, Any]],
+                    export_trial: str | None) -> tuple[dict[str, Any] | None, list[str], list[Path]]:
+    """Pareto front (several objectives) and parameter importance: (front info, report lines, files)."""
+    from studies.importance import format_importance, write_importance
+    from studies.pareto import format_front, write_front
+
+    names = manifest.get("objectives") or ["val_dice"]
+    lines: list[str] = []
+    files: list[Path] = []
+    front = None
+    if len(names) > 1:
+        front = write_front(study_dir, rows, names, export_trial)
+        lines.append(format_front(front))
+        files += [study_dir / f for f in ("pareto.json", "pareto.csv", "pareto.png") if (study_dir / f).is_file()]
+    if manifest.get("optuna_storage"):
+        import optuna
+
+        from studies.search_space import optuna_storage
+
+        study = optuna.load_study(study_name=manifest["optuna_study"],
+                                  storage=optuna_storage(manifest["optuna_storage"]))
+        info = write_importance(study, names, study_dir)
+        lines.append(format_importance(info))
+        files += [Path(f) for f in info["files"]]
+    return front, lines, files
+
+
+def finish_study(grid, manifest: dict[str, Any], export: bool = True,
+                 export_trial: str | None = None) -> dict[str, Any]:
+    """Fill in every trial, rank them (or take the Pareto point), log the parent summary and export."""
     study_dir = Path(manifest["study_dir"])
     run_ids = trial_runs(manifest["tracking_uri"], manifest["parent_run_id"])
     rows = [trial_row(result, manifest, run_ids) for result in grid]
-    best = pick_best(rows)
+    rows = _previous_rows(study_dir, rows) + rows
+    names = manifest.get("objectives") or ["val_dice"]
+    for r in rows:  # the objective values, as the searcher saw them, on the row and the trial's run
+        if r.get("status") == "completed":
+            r["objectives"] = objective_values(r["metrics"], names)
+            if r.get("run_id"):
+                log_trial_outcome(manifest["tracking_uri"], r["run_id"], r["objectives"], None, 0)
     write_table(study_dir, rows)
-    log_study_summary(manifest["tracking_uri"], manifest["parent_run_id"], rows, best, study_dir)
+    front, extra_lines, files = _search_outcome(study_dir, manifest, rows, export_trial)
+    best, note = None, None
+    if export_trial:
+        best, note = _chosen_row(rows, export_trial)
+        if note and front is not None:
+            from studies.pareto import write_front
+
+            front = write_front(study_dir, rows, names)  # the rule's point, not the refused trial
+    chosen = best["trial_id"] if best else (front or {}).get("chosen")
+    if best is None:
+        best = _chosen_row(rows, chosen)[0] if chosen else pick_best(rows)
+    if note:
+        extra_lines.append(note)
+    log_study_summary(manifest["tracking_uri"], manifest["parent_run_id"], rows, best, study_dir, files)
+    report = format_report(rows, best, manifest["selection"])
     summary: dict[str, Any] = {"rows": rows, "best_trial_id": best["trial_id"] if best else None,
                                "tracking_uri": manifest["tracking_uri"], "study_dir": str(study_dir),
-                               "report": format_report(rows, best, manifest["selection"])}
+                               "report": "\n\n".join([report, *extra_lines]), "front": front}
     if best is not None and export:
-        from studies.export_best import export_study
+        if chosen:
+            summary.update(export_row(study_dir, best))
+        else:
+            from studies.export_best import export_study
 
-        summary.update(export_study(study_dir))
+            summary.update(export_study(study_dir))
     return summary
-

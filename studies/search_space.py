@@ -82,7 +82,61 @@ def load_search_space(path: str | Path = DEFAULT_SEARCH_SPACE) -> dict[str, Any]
     return domains
 
 
-def make_searcher(metric: str, mode: str, seed: int, n_startup_trials: int = 10):
+JOURNAL_FILE = "optuna.journal"
+"""The study's Optuna journal in the study folder (``--optuna-storage`` replaces it with an RDB URL)."""
+
+
+def optuna_storage(spec: str | Path):
+    """An Optuna storage: an RDB URL (``postgresql://...``, ``mysql://...``, ``sqlite:///...``) or a
+    journal file path (``JournalStorage(JournalFileBackend(path))``: append-only, safe to reopen,
+    readable by ``optuna-dashboard PATH``). Only the study driver writes it."""
+    import optuna
+
+    text = str(spec)
+    if "://" in text:
+        return optuna.storages.RDBStorage(text)
+    Path(text).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(text))
+
+
+def open_study(storage, study_name: str, modes: list[str], where: str):
+    """Create or load the Optuna study ``study_name``; an existing one must have the same directions.
+
+    ``where`` names the storage in the error (the journal path or ``--optuna-storage``)."""
+    import optuna
+
+    directions = ["minimize" if m == "min" else "maximize" for m in modes]
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                load_if_exists=True)
+    found = [d.name.lower() for d in study.directions]
+    if found != directions:
+        raise ConfigError(f"{where}: Optuna study {study_name} optimises {found}, not {directions}; give "
+                          "the --objectives it was started with, or another --experiment-name")
+    return study
+
+
+def optuna_study_for(url: str | None, study_dir: Path, experiment: str, modes: list[str], verbose: bool = False):
+    """``(storage, spec, study)``: the study's Optuna storage (journal file in the study folder, or
+    the RDB ``url`` of ``--optuna-storage``) and its study named after the experiment, created or loaded."""
+    import optuna
+
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = url or str(Path(study_dir) / JOURNAL_FILE)
+    storage = optuna_storage(spec)
+    return storage, spec, open_study(storage, experiment, modes, f"--optuna-storage {url}" if url else spec)
+
+
+def finished_trials(study) -> int:
+    """Trials of ``study`` that ended (complete, pruned or failed)."""
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return sum(t.state in done for t in study.get_trials(deepcopy=False))
+
+
+def make_searcher(metric: str | list[str], mode: str | list[str], seed: int, n_startup_trials: int = 10,
+                  storage=None, study_name: str | None = None):
     """Seeded TPE through Ray's OptunaSearch, aware of trials that ASHA stopped.
 
     Ray hands Optuna a stopped trial's last result, which Optuna would record as COMPLETE with an
@@ -91,18 +145,27 @@ def make_searcher(metric: str, mode: str, seed: int, n_startup_trials: int = 10)
     trials), so only fully trained trials compete on the objective. An errored trial, or a final
     objective that is not a finite number, is told as FAIL (Ray would tell an errored trial's last
     partial score as COMPLETE, and Optuna refuses a NaN and leaves the trial RUNNING).
+
+    ``metric``/``mode`` lists make a multi-objective search (``studies.objectives``): the objective
+    values are derived from the final result here (``val_stability`` is not a reported key).
+    ``storage``/``study_name``: an Optuna storage holding the study (a journal file), so that a
+    resumed or continued study keeps TPE's whole history; OptunaSearch loads it if it exists.
     """
     import math
 
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from studies.objectives import objective_values
     from studies.trainable import FINAL_KEY
 
     class PruneAwareOptunaSearch(OptunaSearch):
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            value = (result or {}).get(self.metric)
-            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            names = self.metric if isinstance(self.metric, list) else [self.metric]
+            if result is not None and isinstance(self.metric, list):
+                result = {**result, **objective_values(result, names)}
+            values = [(result or {}).get(n) for n in names]
+            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
             if error or (result is not None and result.get(FINAL_KEY) and not finite):
                 result, error = None, True  # OptunaSearch tells Optuna FAIL
             elif result is not None and not result.get(FINAL_KEY):
@@ -110,4 +173,5 @@ def make_searcher(metric: str, mode: str, seed: int, n_startup_trials: int = 10)
             super().on_trial_complete(trial_id, result, error)
 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
-    return PruneAwareOptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    return PruneAwareOptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
+                                  study_name=study_name)

@@ -7,6 +7,13 @@ named by the trial id, logs its config as parameters and every result as metrics
 end fills in what only the driver knows (cross-site numbers of stopped trials, artifacts, the
 parent's summary and the exported model).
 
+Each trial's run records its dataset as an MLflow input (:func:`dataset_input`: name, a digest of
+the case list and the preprocessing hash, the data root as source, per-site case counts of the
+split as profile); the parent run's description (``mlflow.note.content``) says in one paragraph
+what the study was (:func:`study_description`). System metrics are not logged: MLflow's monitor
+needs ``psutil`` (not a dependency) and samples only the host of the process that owns the run,
+which for these driver-written runs is the driver's node, not where the trials train.
+
 MLflow 3 stores runs in a database by default; the default tracking URI of a study is a sqlite
 file in the study folder (``sqlite:////abs/study/mlflow.db``), and clusters use a server
 (``cluster/mlflow.yaml``).
@@ -22,6 +29,52 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
+
+
+def dataset_input(cfg) -> Any:
+    """``mlflow.entities.DatasetInput`` of a trial's data: the cases and preprocessing it trains on.
+
+    name: the data root's folder name; digest: sha256 of the sorted case list (id, site, image and
+    label paths) plus ``preprocessing_hash(cfg.data)`` and the split settings; source: the root;
+    profile: cases per site in train / val / test."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from dualssl.data.cache import preprocessing_hash
+    from dualssl.data.datalist import load_datalist, split_cases
+
+    cases = load_datalist(cfg.data.root)
+    split = split_cases(cases, cfg.data.source_sites, cfg.data.val_fraction, cfg.data.split_seed)
+    listing = sorted((c.case_id, c.site, str(c.image), str(c.label)) for c in cases)
+    key = {"cases": listing, "preprocessing": preprocessing_hash(cfg.data), "sources": cfg.data.source_sites,
+           "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    sites = sorted({c.site for c in cases})
+    profile = {site: {"train": sum(c.site == site for c in split.train), "val": sum(c.site == site for c in split.val),
+                      "test": len(split.test.get(site, []))} for site in sites}
+    dataset = Dataset(name=Path(cfg.data.root).name, digest=digest, source_type="local",
+                      source=json.dumps({"uri": str(cfg.data.root)}),
+                      profile=json.dumps({"num_cases": len(cases), "preprocessing_hash": preprocessing_hash(cfg.data),
+                                          "sites": profile}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
+def study_description(plan: dict[str, Any]) -> str:
+    """One paragraph for the parent run's description: data, sites, protocol, budget."""
+    objectives = ", ".join(plan.get("objectives") or ["val_dice"])
+    unseen = ", ".join(plan.get("unseen_sites") or []) or "none"
+    return (f"Hyperparameter study {plan['experiment']} of dualssl on {plan['data_root']} "
+            f"({plan.get('n_cases', '?')} cases): trained on source site(s) {', '.join(plan['source_sites'])}, "
+            f"measured on unseen site(s) {unseen}. Search: Optuna TPE over {', '.join(plan['searched'])} "
+            f"optimising {objectives} on source-validation cases only (selection {plan['selection']}); "
+            f"{plan.get('scheduler', 'ASHA')}. Budget: {plan['num_samples']} trials of {plan['epochs']} epochs, "
+            f"{plan['resources']['max_concurrent_trials']} at a time, {plan['resources']['workers_per_trial']} "
+            f"DDP worker(s) each. Unseen-site numbers are reported for every trial but "
+            f"{'rank the trials (oracle)' if plan['selection'] == 'oracle' else 'never used for selection'}. "
+            f"Optuna study: {plan.get('optuna_storage', 'in memory')}.")
 
 
 def git_revision(repo: str | Path | None = None) -> str:
@@ -84,6 +137,18 @@ def trial_runs(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
     return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
 
 
+def describe_study(tracking_uri: str, parent: str, manifest: dict[str, Any], asha: bool) -> None:
+    """The parent run's description (``mlflow.note.content``): one paragraph on the study."""
+    import mlflow
+
+    from dualssl.data.datalist import load_datalist
+    cases = load_datalist(manifest["data_root"])
+    unseen = sorted({c.site for c in cases} - set(manifest["source_sites"]))
+    kind = "ASHA early stopping on val_dice" if asha else "no early stopping"
+    text = study_description({**manifest, "n_cases": len(cases), "unseen_sites": unseen, "scheduler": kind})
+    mlflow.MlflowClient(tracking_uri).set_tag(parent, NOTE_TAG, text)
+
+
 class TrialRuns(MLflowLoggerCallback):
     """``MLflowLoggerCallback`` with one run per trial id under the study's parent run.
 
@@ -111,6 +176,23 @@ class TrialRuns(MLflowLoggerCallback):
                 existing = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
             self._trial_runs[trial] = existing
         log_params(client, self._trial_runs[trial], dict(trial.config))
+        self._log_dataset(client, self._trial_runs[trial], trial.config)
+
+    def _log_dataset(self, client, run_id: str, config: dict) -> None:
+        from studies.trainable import split_config
+
+        cfg, _ = split_config(config)
+        cache = getattr(self, "_datasets", None) or {}
+        key = cfg.data.root, cfg.hash()
+        if key not in cache:
+            try:
+                cache[key] = dataset_input(cfg)
+            except (OSError, ValueError) as exc:  # ConfigError is a ValueError: a root the driver cannot read
+                cache[key] = None
+                print(f"[study] no MLflow dataset input for {cfg.data.root}: {exc}", flush=True)
+        self._datasets = cache
+        if cache[key] is not None:
+            client.log_inputs(run_id, datasets=[cache[key]])
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         step = int(result.get("timesteps_total") or result.get("training_iteration") or iteration)
@@ -143,14 +225,18 @@ def log_trial_outcome(tracking_uri: str, run_id: str, metrics: dict[str, float],
 
 
 def log_study_summary(tracking_uri: str, parent_run_id: str, rows: list[dict[str, Any]],
-                      best: dict[str, Any] | None, study_dir: Path) -> None:
-    """Parent run: best trial (tag, parameters, metrics) and the table of all trials."""
+                      best: dict[str, Any] | None, study_dir: Path, files: list[Path] = ()) -> None:
+    """Parent run: best (or exported) trial (tag, parameters, metrics), the table of all trials,
+    and ``files`` (Pareto front, importance table and plots) under ``search/``."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     table_path = study_dir / "trials.csv"
     if table_path.is_file():
         client.log_artifact(parent_run_id, str(table_path))
+    for path in files:
+        if Path(path).is_file():
+            client.log_artifact(parent_run_id, str(path), artifact_path="search")
     with mlflow.start_run(run_id=parent_run_id):
         columns = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))})
         mlflow.log_table({c: [_cell(r.get(c)) for r in rows] for c in columns}, artifact_file="trials_table.json")

@@ -36,7 +36,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,113 +44,11 @@ if __package__ in (None, ""):  # `python studies/tune.py`: make `studies` import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualssl.config import Config, ConfigError  # noqa: E402
-from dualssl.recipes import apply_recipe  # noqa: E402
+from studies.preflight import (DEFAULT_STORAGE, PHANTOM_SITES, StudyError, StudyPlan, base_config,  # noqa: E402,F401
+                               build_parser, is_uri, phantom_sites, prepare, resolve_paths, set_keys,
+                               stability_problem)
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
-from studies.search_space import DEFAULT_SEARCH_SPACE, load_search_space, make_searcher  # noqa: E402
-
-DEFAULT_STORAGE = Path.home() / "dualssl-studies"
-PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="studies/tune.py", description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, help="dataset root or list (default: a phantom in the study folder)")
-    p.add_argument("--source-site", default=None,
-                   help="training site(s), comma-separated (default: the config's data.source_sites, pv_standard)")
-    p.add_argument("--num-samples", type=int, default=None, help="trials (default 4; smoke 2)")
-    p.add_argument("--max-concurrent-trials", type=int, default=1)
-    p.add_argument("--workers-per-trial", type=int, default=None,
-                   help="DDP workers per trial (default: 2 where the CPUs allow, else 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10; smoke 2)")
-    p.add_argument("--storage-path", default=str(DEFAULT_STORAGE),
-                   help="absolute path, NFS mount or s3:// URI shared by all nodes")
-    p.add_argument("--study-dir", type=Path, default=None,
-                   help="local folder for the phantom, MLflow sqlite, trial table and model "
-                        "(default: STORAGE/EXPERIMENT when storage is local)")
-    p.add_argument("--experiment-name", default=None, help="default dualssl-study (smoke: dualssl-smoke)")
-    p.add_argument("--mlflow-tracking-uri", default=None, help="default: sqlite file in the study folder")
-    p.add_argument("--selection", choices=["source-val", "oracle"], default="source-val",
-                   help="rank trials by source-validation Dice, or by unseen-site Dice (labelled oracle)")
-    p.add_argument("--search-space", type=Path, default=DEFAULT_SEARCH_SPACE)
-    p.add_argument("--config", type=Path, help="base YAML config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
-    p.add_argument("--grace-period", type=int, default=None,
-                   help="ASHA: epochs before the first cut, rounded up to a multiple of eval.val_every "
-                        "(default: a third of the epochs)")
-    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: RAY_ADDRESS as set by "
-                        "`ray job submit`, else a private head started for this study and stopped after it)")
-    p.add_argument("--resume", action="store_true", help="resume the study in STORAGE/EXPERIMENT")
-    p.add_argument("--smoke-test", action="store_true", help="tiny data, net and epochs")
-    p.add_argument("--no-export", action="store_true", help="skip the export of the best model")
-    p.add_argument("--skip-resource-check", action="store_true",
-                   help="for autoscaling clusters whose nodes are not up yet")
-    p.add_argument("--fail-at-epoch", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fault injection
-    return p
-
-
-class StudyError(ConfigError):
-    """Every problem the preflight found, one per line, each naming its flag, field or file."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{len(problems)} problem(s); nothing was started:\n  " + "\n  ".join(problems))
-
-
-def set_keys(overrides: list[str]) -> dict[str, str]:
-    """``--set`` items -> ``{dotted key: value text}`` (a malformed item raises ConfigError)."""
-    out: dict[str, str] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set loss.tau=0.1")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def base_config(args: argparse.Namespace) -> Config:
-    """Config file or recipe, then the flags that were given, then ``--set`` (validated)."""
-    cfg = Config.load(args.config) if args.config else Config()
-    if args.config is None:  # pass --config for the full-size network (cluster/full-size.yaml)
-        apply_recipe(cfg, "smoke" if args.smoke_test else "demo")
-    given = set_keys(args.set)
-    flags = {"optim.epochs": ("--epochs", args.epochs), "data.source_sites": ("--source-site", args.source_site)}
-    for key, (flag, value) in flags.items():
-        if value is not None and key in given:
-            raise ConfigError(f"{flag} {value} and --set {key}={given[key]} both set {key}; give one of them")
-    if args.epochs is not None:
-        cfg.optim.epochs = args.epochs
-    if args.source_site is not None:
-        cfg.data.source_sites = [s.strip() for s in args.source_site.split(",") if s.strip()]
-    cfg.with_overrides(given)
-    return cfg.validate()
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def resolve_paths(args: argparse.Namespace) -> tuple[str, Path, str]:
-    """(storage, study_dir, experiment) with storage absolute (a Ray job runs in a copy); writes nothing."""
-    experiment = args.experiment_name or ("dualssl-smoke" if args.smoke_test else "dualssl-study")
-    storage = args.storage_path
-    if not is_uri(storage):
-        if not os.path.isabs(os.path.expanduser(storage)):
-            raise ConfigError(f"--storage-path {storage}: give an absolute path (a Ray job runs in a copy of "
-                              f"the working dir, so a relative path would point elsewhere), e.g. {DEFAULT_STORAGE}")
-        storage = os.path.expanduser(storage)
-    study_dir = args.study_dir or (Path(storage) / experiment if not is_uri(storage)
-                                   else DEFAULT_STORAGE / experiment)
-    return storage, Path(study_dir).expanduser().resolve(), experiment
-
-
-def phantom_sites(args: argparse.Namespace) -> list[str]:
-    return PHANTOM_SITES[:3] if args.smoke_test else PHANTOM_SITES
-
+from studies.search_space import finished_trials, make_searcher, optuna_study_for  # noqa: E402
 
 def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
     """The dataset root: ``--data`` (checked by :func:`prepare`), else a phantom made once in the study folder."""
@@ -166,86 +64,6 @@ def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
     return root
 
 
-@dataclass
-class StudyPlan:
-    """What :func:`prepare` checked: paths, the config every trial starts from and the search."""
-
-    storage: str
-    study_dir: Path
-    experiment: str
-    cfg: Config
-    search: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    """Printed before the study starts: fixed search parameters, resolved paths, data warnings."""
-
-
-def _data_problems(args: argparse.Namespace, cfg: Config, notes: list[str]) -> list[str]:
-    from dualssl.data.verify import verify_dataset
-
-    sites = cfg.data.source_sites
-    if args.data is None:
-        known = phantom_sites(args)
-        unknown = [s for s in sites if s not in known]
-        return [f"--source-site {','.join(unknown)}: not a site of the phantom; its sites: {', '.join(known)}"
-                ] if unknown else []
-    root = args.data.expanduser().resolve()
-    if not root.exists():
-        return [f"--data {root}: not found; give a dataset root or list, or leave it out for a phantom"]
-    found = verify_dataset(root, sites, val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed,
-                           workers=min(8, os.cpu_count() or 1))
-    notes.extend(f"data: {p}" for p in found if not p.fatal)
-    out = []
-    for p in found:
-        if p.fatal:
-            flag = "--source-site: " if "source site" in p.message else ""
-            out.append(f"{flag}{p}")
-    return out
-
-
-def prepare(args: argparse.Namespace) -> StudyPlan:
-    """Check flags, config, search space and data on the driver; raises :class:`StudyError`
-    naming every problem. Starts nothing and writes nothing."""
-    problems: list[str] = []
-    notes: list[str] = []
-    storage = study_dir = experiment = cfg = search = None
-    try:
-        storage, study_dir, experiment = resolve_paths(args)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    try:
-        cfg = base_config(args)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    try:
-        search = load_search_space(args.search_space)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    # The data are checked even when the config is wrong: every problem in one message.
-    data_cfg = cfg or Config()
-    if cfg is None and args.source_site:
-        data_cfg.data.source_sites = [s.strip() for s in args.source_site.split(",") if s.strip()]
-    problems.extend(_data_problems(args, data_cfg, notes))
-    if cfg is not None:
-        if cfg.data.cache_dir and not os.path.isabs(os.path.expanduser(cfg.data.cache_dir)):
-            cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
-            notes.append(f"data.cache_dir is relative: resolved against {Path.cwd()} to {cfg.data.cache_dir}")
-        if args.selection == "oracle" and args.data is None and set(cfg.data.source_sites) >= set(phantom_sites(args)):
-            problems.append("--selection oracle: every site is a source site, so there is no unseen site to rank on")
-    if search is not None and cfg is not None:
-        given = set_keys(args.set)
-        fixed = sorted(k for k in search if k in given)
-        for key in fixed:
-            del search[key]
-            notes.append(f"--set {key}={given[key]}: fixed for every trial, taken out of the search space "
-                         f"{args.search_space}")
-        if not search:
-            problems.append(f"--set fixes every parameter of the search space {args.search_space} "
-                            f"({', '.join(fixed)}); search at least one, or give another --search-space")
-    if problems:
-        raise StudyError(problems)
-    return StudyPlan(storage, study_dir, experiment, cfg, search, notes)
-
-
 def asha_milestones(epochs: int, val_every: int, grace: int | None) -> int | None:
     """ASHA's grace period rounded up to a multiple of ``val_every`` (every rung g, 2g, 4g ... then
     falls on an epoch with a whole-volume validation); None when no rung lies before the last epoch."""
@@ -254,7 +72,7 @@ def asha_milestones(epochs: int, val_every: int, grace: int | None) -> int | Non
     return aligned if aligned < epochs else None
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, log_to_driver: bool = True) -> None:
     """Join a cluster (RAY_ADDRESS / --address, as inside ``ray job submit``) or start a local one."""
     import ray
     from ray import cloudpickle
@@ -267,7 +85,11 @@ def connect(address: str | None) -> None:
         # main() starts a private head (studies/local_cluster.py) when neither --address nor
         # RAY_ADDRESS (set by `ray job submit`) names a cluster; run_study() alone may start a
         # plain local one.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+        # log_to_driver=False (tune.py without --verbose): the workers' output (Train's "Reporting
+        # training result", "Checkpoint successfully created", tqdm bars of the evaluation task) stays
+        # in the session's log files (/tmp/ray/session_latest/logs) instead of the terminal.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver,
+                 logging_level="WARNING" if not log_to_driver else "INFO")
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -309,14 +131,19 @@ def _measured_asha():
 
 
 def make_scheduler(cfg: Config, args: argparse.Namespace):
-    """ASHA on the selection metric at validated epochs (source-val); none for oracle selection."""
+    """ASHA on the selection metric at validated epochs (source-val); none for oracle selection.
+
+    With several ``--objectives`` ASHA cuts on the first one only, and only when it is ``val_dice``
+    (the others exist only at a trial's end)."""
     from ray.tune.schedulers import FIFOScheduler
 
     from studies.train_loop import ASHA_KEY
 
     grace = asha_milestones(cfg.optim.epochs, cfg.eval.val_every, args.grace_period)
-    if args.selection == "oracle" or grace is None:
+    first = getattr(args, "objectives", "val_dice").split(",")[0].strip()
+    if args.selection == "oracle" or grace is None or first != "val_dice":
         why = ("the oracle metric exists only at a trial's end" if args.selection == "oracle"
+               else f"the first objective {first} exists only at a trial's end" if first != "val_dice"
                else f"no validated epoch before the last (epochs {cfg.optim.epochs}, eval.val_every "
                     f"{cfg.eval.val_every})")
         print(f"[study] early stopping off: {why}", flush=True)
@@ -338,13 +165,51 @@ def selection_metric_tag(cfg: Config, selection: str) -> str:
     return f"{cfg.eval.selection_metric} (source validation, best epoch)"
 
 
+REPORT_EVERY_S = 60.0
+"""The progress table is printed when a trial starts, stops or finishes, and at most this often for
+new epochs (always at the end)."""
+
+
+def progress_reporter(search: dict[str, Any]):
+    """Tune's ``CLIReporter`` with the searched parameters, epoch, val Dice and the cross-site mean,
+    printed on a change of a trial's status at once and on new epochs at most every
+    :data:`REPORT_EVERY_S` seconds; without Ray's memory and resource lines."""
+    from ray.tune import CLIReporter
+
+    class StudyReporter(CLIReporter):
+        def __init__(self):
+            super().__init__(
+                parameter_columns={k: k.split(".")[-1] for k in search},
+                metric_columns={"epochs_done": "epoch", "val_dice": "val Dice", "objective": "best val Dice",
+                                "mean_unseen_dice": "unseen Dice"},
+                max_report_frequency=1, print_intermediate_tables=True, max_column_length=14)
+            self._seen: tuple = ()
+            self._last = 0.0
+
+        def should_report(self, trials, done: bool = False) -> bool:
+            status = tuple((t.trial_id, t.status) for t in trials)
+            epochs = tuple((t.last_result or {}).get("epochs_done") for t in trials)
+            changed = not self._seen or status != self._seen[0]
+            due = bool(self._seen) and epochs != self._seen[1] and time.time() - self._last > REPORT_EVERY_S
+            if done or changed or due:
+                self._seen, self._last = (status, epochs), time.time()
+                return True
+            return False
+
+        def report(self, trials, done: bool, *sys_info: str) -> None:
+            self._print(self._progress_str(trials, done))  # the table only, not memory and resources
+
+    return StudyReporter()
+
+
 def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[str, Any]:
     import ray
     from ray import tune
 
     from studies import trainable as trainable_mod
     from studies.finish import finish_study, write_manifest
-    from studies.tracking import TrialRuns, git_revision, start_parent_run
+    from studies.objectives import searcher_metrics
+    from studies.tracking import TrialRuns, describe_study, git_revision, start_parent_run
 
     started = time.time()
     # 1. Flags -> config, paths, search space, data files (errors name the flag or file).
@@ -354,14 +219,29 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     storage, study_dir, experiment, cfg, search = plan.storage, plan.study_dir, plan.experiment, plan.cfg, plan.search
     study_dir.mkdir(parents=True, exist_ok=True)
     num_samples = args.num_samples or (2 if args.smoke_test else 4)
+    metric, mode = searcher_metrics(plan.objectives)
+    optuna_store, optuna_spec, optuna_study = optuna_study_for(
+        args.optuna_storage, study_dir, experiment, mode if isinstance(mode, list) else [mode], args.verbose)
     tracking_uri = args.mlflow_tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
 
     # 2. Data: the given dataset, or a phantom generated once into the study folder.
     cfg.data.root = str(ensure_data(args, study_dir))
     cfg.validate()
+    problem = stability_problem(cfg, plan.objectives)
+    if problem:
+        raise StudyError([problem])
 
     # 3. Ray, and a resource check that says what to change instead of letting trials wait forever.
-    connect(args.address)
+    connect(args.address, log_to_driver=args.verbose)
+    # (after connect: Tune's storage helpers must not touch Ray before the driver has the cluster's token)
+    tuner_path = f"{storage}/{experiment}"
+    restoring = args.resume and tune.Tuner.can_restore(tuner_path)
+    earlier = finished_trials(optuna_study)
+    continued = earlier > 0 and not restoring
+    if continued and num_samples <= earlier:
+        raise ConfigError(f"{optuna_spec}: the Optuna study {experiment} already holds {earlier} finished trials; "
+                          f"give --num-samples above {earlier} to continue it, --resume to resume an "
+                          "interrupted run, or another --experiment-name for a new study")
     cluster = ray.cluster_resources()
     resources = StudyResources(args.max_concurrent_trials, default_workers(args, cluster.get("CPU", 0)),
                                args.cpus_per_worker, args.gpus_per_worker)
@@ -371,13 +251,15 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{storage}/{experiment}/train_runs",
         selection=args.selection, max_failures=args.max_failures, fail_at_epoch=args.fail_at_epoch)
-    print(f"[study] {experiment}: {num_samples} trials, {resources.max_concurrent_trials} at a time, "
+    print(f"[study] {experiment}: {num_samples} trials ({num_samples - earlier} new; optimising "
+          f"{', '.join(plan.objectives)}), {resources.max_concurrent_trials} at a time, "
           f"{resources.workers_per_trial} workers x {resources.worker_bundle()} each; "
           f"{cfg.optim.epochs} epochs; storage {storage}", flush=True)
 
     # 4. MLflow: one parent run per study (reopened on --resume); trial runs nest under it.
     manifest_path = study_dir / "study.json"
-    previous = json.loads(manifest_path.read_text()) if args.resume and manifest_path.is_file() else {}
+    previous = (json.loads(manifest_path.read_text()) if (args.resume or continued) and manifest_path.is_file()
+                else {})
     tags = {"source_site": ",".join(cfg.data.source_sites), "seed": str(cfg.optim.seed),
             "selection": args.selection, "selection_metric": selection_metric_tag(cfg, args.selection),
             "git_revision": git_revision(), "study": experiment}
@@ -389,36 +271,51 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     manifest = {"experiment": experiment, "storage": storage, "study_dir": str(study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "selection": args.selection,
                 "selection_metric": cfg.eval.selection_metric, "source_sites": cfg.data.source_sites,
-                "data_root": cfg.data.root, "resources": asdict(resources), "searched": sorted(search)}
+                "data_root": cfg.data.root, "resources": asdict(resources), "searched": sorted(search),
+                "objectives": plan.objectives, "optuna_storage": optuna_spec, "optuna_study": experiment,
+                "num_samples": num_samples, "epochs": cfg.optim.epochs}
     write_manifest(study_dir, manifest)
+    scheduler = make_scheduler(cfg, args)
+    describe_study(tracking_uri, parent, manifest, type(scheduler).__name__ == "MeasuredASHA")
 
-    # 5. Tune: seeded TPE over the YAML space; ASHA on the selection metric at validated epochs.
+    # 5. Tune: seeded TPE over the YAML space, its history in the Optuna storage; ASHA on the first
+    # objective at validated epochs. Tune's table replaces the per-result lines (verbose=1).
+    if isinstance(metric, list):
+        # val_stability exists only in a trial's final result; Tune's check that every result holds
+        # every searched metric would stop the trial at its first epoch. The searcher tells Optuna
+        # FAIL when a final result lacks one (studies/search_space.py).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not args.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's progress_reporter is used only by the classic output
+    run_config = dict(progress_reporter=None if args.verbose else progress_reporter(search),
+                      verbose=2 if args.verbose else 1)
     trainable = tune.with_resources(trainable_mod.train_func, resources.trial_resources())
-    tuner_path = f"{storage}/{experiment}"
-    if args.resume and tune.Tuner.can_restore(tuner_path):
+    if restoring:
         tuner = tune.Tuner.restore(tuner_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=trainable_mod.study_config(cfg, settings, search),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher("objective", "max", args.seed, n_startup_trials=min(10, num_samples // 2 + 1)),
-                scheduler=make_scheduler(cfg, args),
-                num_samples=num_samples, max_concurrent_trials=resources.max_concurrent_trials,
+                search_alg=make_searcher(metric, mode, args.seed, n_startup_trials=min(10, num_samples // 2 + 1),
+                                         storage=optuna_store, study_name=experiment),
+                scheduler=scheduler,
+                num_samples=num_samples - earlier, max_concurrent_trials=resources.max_concurrent_trials,
                 trial_name_creator=lambda t: f"trial_{t.trial_id}",
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             ),
             run_config=tune.RunConfig(
                 name=experiment, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
-                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags)],
+                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags)], **run_config,
             ),
         )
     grid = tuner.fit()
 
     # 6-7. Cross-site numbers for trials ASHA stopped, best trial, parent summary, export.
-    summary = finish_study(grid, manifest, export=not args.no_export)
+    summary = finish_study(grid, manifest, export=not args.no_export, export_trial=args.export_trial)
     summary["wall_time_s"] = time.time() - started
+    summary["optuna_storage"] = optuna_spec
     manifest.update({"wall_time_s": summary["wall_time_s"], "best_trial_id": summary.get("best_trial_id")})
     write_manifest(study_dir, manifest)
     return summary
@@ -457,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Exported model: {summary['model_dir']}  ({summary.get('registered_uri') or 'not registered'})")
         print(f"Segment scans:  dualssl predict --model {summary['model_dir']} SCAN.nii.gz -o OUT")
     print(f"Study folder:   {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
+    print(f"Optuna study:   optuna-dashboard {summary.get('optuna_storage')}")
     return 0 if summary.get("best_trial_id") else 1
 
 

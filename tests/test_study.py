@@ -207,6 +207,25 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
         assert {a.path for a in client.list_artifacts(run.info.run_id, "trial")} >= {
             "trial/per_case.csv", "trial/progress.png", "trial/config.yaml"}
     assert parent.data.tags["best_trial_id"] == summary["best_trial_id"]
+    # The study's Optuna journal: one Optuna trial per Tune trial, each ended (never left RUNNING).
+    import optuna
+
+    from studies.search_space import optuna_storage
+
+    assert manifest["optuna_storage"] == str(study / "optuna.journal")
+    ot = optuna.load_study(study_name="dualssl-smoke", storage=optuna_storage(manifest["optuna_storage"]))
+    assert len(ot.trials) == len(rows) and all(t.state.is_finished() for t in ot.trials)
+    assert f"optuna-dashboard {study / 'optuna.journal'}" in done.stdout
+    # Each trial's run names its dataset; the parent says what the study was.
+    for run in children:
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert json.loads(dataset.source)["uri"] == str(phantom_root)
+        assert json.loads(dataset.profile)["sites"]["pv_standard"]["train"] >= 1
+    assert "trained on source site(s) pv_standard" in parent.data.tags["mlflow.note.content"]
+    # The terminal: Tune's table, no per-worker Train lines (they stay in Ray's log files).
+    printed = done.stdout + done.stderr
+    assert "Reporting training result" not in printed and "Checkpoint successfully created" not in printed
+    assert "Trial name" in done.stdout and "val Dice" in done.stdout
     assert parent.data.tags["selection"] == "source-val"
     assert parent.data.tags["selection_metric"].startswith("val_dice (source validation")
 
