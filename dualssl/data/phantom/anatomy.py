@@ -16,6 +16,7 @@ import numpy as np
 
 from dualssl.data.phantom.fields import SmoothField
 from dualssl.data.phantom.painters import BowelLoops, Hollow, Paint
+from dualssl.data.phantom.shape_bank import place_bank_pancreas
 from dualssl.data.phantom.shapes import (Ellipsoid, Intersect, Section, SoftUnion, Subtract, Tube,
                                          Where, rotation)
 from dualssl.data.phantom.tissues import Tissue as T
@@ -38,6 +39,13 @@ class Pancreas:
     fat_fraction: float
     length_mm: float
     """Centreline length from the head's centre to the tail tip."""
+    shape: object | None = None
+    """The painted solid when it is not ``tube`` (a real mask from a shape bank, ``shape_bank.py``)."""
+
+    @property
+    def painted(self):
+        """The solid painted as pancreas: ``shape`` if set, else the procedural ``tube``."""
+        return self.shape if self.shape is not None else self.tube
 
 
 @dataclass
@@ -73,10 +81,13 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = (0.0, 0.12)) -> Anatomy:
+def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = (0.0, 0.12),
+                   shape_bank=None, bank_rng: np.random.Generator | None = None) -> Anatomy:
     """Draw one abdomen (sizes, positions, rotations, organ volumes) from ``rng``.
 
     ``fatty_range``: range of the pancreas' interlobular fat fraction (older populations: higher).
+    ``shape_bank`` (a :class:`~dualssl.data.phantom.shape_bank.ShapeBank`): paint a real mask, drawn
+    and deformed with ``bank_rng``, where the procedural pancreas sits; None = the procedural shape.
     """
     # --- body habitus ---------------------------------------------------------------------------
     adip = _u(rng, 0, 1)
@@ -183,6 +194,8 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
 
     # --- pancreas ------------------------------------------------------------------------------------
     pancreas = _pancreas(rng, xC, yC, hilum, f, h, fatty_range)
+    if shape_bank is not None:
+        pancreas = place_bank_pancreas(shape_bank, bank_rng, pancreas, clear_of=((xA, yA, rA), (xI, yI, 12.0)))
     ptube = pancreas.tube
     zone = Intersect([cav, Where(np.array([-a, yA + 5, z_lo - 30]), np.array([a, b_ant, 10.0]),
                                  lambda x, y, z: np.ones(x.shape, bool))])
@@ -215,7 +228,7 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
     painters.append(Hollow(duod, 2.5, T.DUODENUM, T.BOWEL_CONTENT, gas_d, up, only=CAVITY + (T.LIVER,)))
     lm["duodenum_d2"] = np.array([x_lat, head[1], head[2]])
 
-    painters.append(Paint(ptube, T.PANCREAS, only=SOLID))
+    painters.append(Paint(pancreas.painted, T.PANCREAS, only=SOLID))
 
     # --- liver vessels (portal branches, hepatic veins) ----------------------------------------------
     porta = np.array([xC + 52 * f, yC - 12, 50 * h])

@@ -19,6 +19,7 @@ import numpy as np
 
 from dualssl.data.phantom.measure import FAT, core_medians, erosion_for
 from dualssl.data.phantom.render import PhantomCase, render_case
+from dualssl.data.phantom.shape_bank import ShapeBank
 from dualssl.data.phantom.sites import SITE_PROFILES, SiteProfile, get_profile
 from dualssl.data.phantom.sweeps import DEFAULT_BASE, sweep_record, sweep_sites
 from dualssl.data.phantom.tissues import Tissue
@@ -51,10 +52,10 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") ->
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _write_case(job: tuple[SiteProfile, int, int, float, str]) -> dict:
-    profile, index, seed, scale, out = job
+def _write_case(job: tuple[SiteProfile, int, int, float, str, str | None]) -> dict:
+    profile, index, seed, scale, out, bank = job
     site = profile.name
-    case: PhantomCase = render_case(profile, seed, scale)
+    case: PhantomCase = render_case(profile, seed, scale, shape_bank=bank)
     cid = case_id(site, index)
     root = Path(out)
     desc = f"dualssl phantom {site} seed {seed} scale {scale:g}"
@@ -67,7 +68,8 @@ def _write_case(job: tuple[SiteProfile, int, int, float, str]) -> dict:
 
 
 def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = None, cases_per_site: int = 4,
-                     seed: int = 0, scale: float = 0.5, workers: int = 1) -> Path:
+                     seed: int = 0, scale: float = 0.5, workers: int = 1,
+                     shape_bank: str | Path | None = None) -> Path:
     """Render ``cases_per_site`` cases of each site in ``sites`` (default: all seven) and write them
     under ``out`` in the MSD layout; returns ``out``.
 
@@ -77,6 +79,8 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
 
     ``scale`` 1.0 = clinical voxel sizes (tens of MB per case), 0.5 = demo (a few MB),
     0.3 = tests (a few hundred kB). ``workers`` > 1 renders in that many processes.
+    ``shape_bank``: a folder of real pancreas masks (``shape_bank.py``); each case's pancreas is one
+    of them, deformed and placed in the anatomy. None (default): the procedural pancreas.
     """
     sites = list(SITE_PROFILES) if sites is None else list(sites)
     if not sites:
@@ -96,10 +100,13 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; choose a dataset folder to write")
+    bank = None
+    if shape_bank is not None:
+        bank = str(ShapeBank(shape_bank).folder)       # checks the folder before any case renders
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
 
-    jobs = [(p, i, case_seed(seed, p.seed_site, i), float(scale), str(out))
+    jobs = [(p, i, case_seed(seed, p.seed_site, i), float(scale), str(out), bank)
             for p in profiles for i in range(cases_per_site)]
     if workers == 1:
         infos = [_write_case(j) for j in jobs]
@@ -128,6 +135,8 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
                            "description": p.description} for p in profiles},
         "phantom": {"seed": int(seed), "scale": float(scale), "cases_per_site": cases_per_site},
     }
+    if bank is not None:
+        dataset["phantom"]["shape_bank"] = bank
     sweeps = {p.name: sweep_record(p) for p in profiles if p.sweep}
     if sweeps:
         dataset["sweeps"] = sweeps
@@ -138,7 +147,7 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
 
 def generate_sweep_dataset(out: str | Path, sweeps: dict[str, list[float | str]], cases_per_site: int = 4,
                            seed: int = 0, scale: float = 0.5, base: str = DEFAULT_BASE,
-                           workers: int = 1) -> Path:
+                           workers: int = 1, shape_bank: str | Path | None = None) -> Path:
     """Write ``base`` and one site per swept value (``sweeps``: axis -> values, e.g.
     ``{"noise": [5, 20, 40], "slice": [3, 5]}``), each with the same ``cases_per_site`` patients.
 
@@ -146,4 +155,4 @@ def generate_sweep_dataset(out: str | Path, sweeps: dict[str, list[float | str]]
     "base_value"}``; the base's cases are byte-identical to :func:`generate_dataset`'s.
     """
     return generate_dataset(out, sites=sweep_sites(sweeps, base), cases_per_site=cases_per_site, seed=seed,
-                            scale=scale, workers=workers)
+                            scale=scale, workers=workers, shape_bank=shape_bank)

@@ -8,6 +8,7 @@ noise draw from independent child seeds, so one seed gives the same patient at e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +18,7 @@ from scipy import ndimage
 from dualssl.data.phantom.anatomy import Anatomy, sample_anatomy
 from dualssl.data.phantom.fields import SmoothField, field_on_axes, noise_texture
 from dualssl.data.phantom.grid import Grid
+from dualssl.data.phantom.shape_bank import ShapeBank, bank_rng
 from dualssl.data.phantom.sites import SiteProfile, get_profile
 from dualssl.data.phantom.tissues import (ORAL_CONTRAST_HU, SPLEEN_ARTERIAL_TEXTURE_HU, TEXTURE_HU, Tissue,
                                           hu_range)
@@ -52,17 +54,24 @@ class PhantomCase:
         return iter((self.image, self.label, self.affine, self.dtype))
 
 
-def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5) -> PhantomCase:
+def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
+                shape_bank: ShapeBank | str | Path | None = None) -> PhantomCase:
     """Render one case of ``site`` from ``seed`` at ``scale`` (1.0 = clinical voxel sizes; 0.5
     doubles every voxel side). The field of view is cropped to the body from the lower kidney
-    poles to just above the liver dome."""
+    poles to just above the liver dome.
+
+    ``shape_bank``: a folder of real pancreas masks (or a :class:`ShapeBank`): the pancreas is one of
+    them, deformed and placed where the procedural one sits; None (default) = the procedural shape."""
     profile = get_profile(site)
     if not (isinstance(scale, (int, float)) and 0.05 <= float(scale) <= 1.0):
         raise ValueError(f"scale={scale!r}: must lie in [0.05, 1.0] (1.0 = clinical voxel sizes, "
                          "0.5 = demo size, 0.3 = test size)")
     scale = float(scale)
     s_anat, s_acq, s_noise = np.random.SeedSequence(int(seed)).spawn(3)
-    anatomy = sample_anatomy(np.random.default_rng(s_anat), profile.fatty_range)
+    if shape_bank is not None and not isinstance(shape_bank, ShapeBank):
+        shape_bank = ShapeBank(shape_bank)
+    anatomy = sample_anatomy(np.random.default_rng(s_anat), profile.fatty_range, shape_bank,
+                             bank_rng(seed) if shape_bank is not None else None)
     acq = _draw_acquisition(np.random.default_rng(s_acq), profile, anatomy)
     grid, n_sub = _grids(anatomy, profile, acq, scale)
 
@@ -97,6 +106,9 @@ def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5) -> Phant
         "pancreas_ml": float(label.sum() * np.prod(grid.spacing) / 1000.0),
         "tissue_hu": {t.name.lower(): acq["hu"][t] for t in _TISSUES},
     }
+    if shape_bank is not None:
+        info["pancreas_shape"] = f"bank:{anatomy.pancreas.shape.mask.name}"
+        info["pancreas_bank_ml"] = anatomy.pancreas.shape.mask.volume_ml
     return PhantomCase(image, label, affine, np.dtype(profile.dtype), organs, pure, info)
 
 
@@ -165,7 +177,7 @@ def _tissue_hu(labels: np.ndarray, grid: Grid, anatomy: Anatomy, p: SiteProfile,
         hu[stool] = np.where(mottle > 1.2, np.float32(-850.0), hu[stool] + 40 * mottle)
 
     pan = anatomy.pancreas
-    box = grid.box(pan.tube)
+    box = grid.box(pan.painted)
     if box is not None and pan.fat_fraction > 0:
         inside = labels[box] == Tissue.PANCREAS
         if inside.any():

@@ -1,0 +1,222 @@
+"""Sim-to-real transfer: train on phantom sites only, segment the real NIH scan, measure.
+
+    python benchmarks/sim_to_real.py --out /tmp/s2r                       # procedural phantom
+    python benchmarks/sim_to_real.py --out /tmp/s2r_bank --shape-bank ../shared/data/labels/msd_task07_pancreas
+    python benchmarks/sim_to_real.py --out /tmp/s2r --reference           # + the same recipe on the NIH scan
+    python benchmarks/sim_to_real.py --out /tmp/quick --steps 60 --cases-per-site 3 --scale 0.3   # a short run
+
+Recipe (documented in docs/PHANTOM.md, "Sim-to-real transfer"): the ``demo`` scale of
+``dualssl/recipes.py`` (8-16-32-64 net, 3x3x4 mm voxels, 48x48x32 patches, lr 3e-3) with the standard
+augmentation on (``data.augment=true``), the plain loss (``loss.lambda_con = loss.lambda_rec = 0``:
+the benchmark measures the data, not the method), ``--steps`` optimiser steps (default 400, in epochs of
+20 steps), the best checkpoint chosen on whole phantom validation volumes (no peeking at the real scan).
+
+It then exports that checkpoint as a model folder (``dualssl.export.export_model``, what
+``studies/export_best.py`` writes), runs ``dualssl predict --model DIR/model`` in a subprocess on the
+real scans, and writes ``DIR/sim_to_real.json`` and ``DIR/sim_to_real.png``:
+
+* NIH Pancreas-CT PANCREAS_0001 (manual label): Dice, HD95, predicted and true volume, centroid distance;
+* the TotalSegmentator example (second scanner, native phase, 3 mm): Dice against the TotalSegmentator
+  PREDICTION, i.e. agreement with a model, not accuracy.
+
+``--reference`` trains the same recipe on the NIH scan itself (a one-case list: the scan trains and, as a
+second entry, validates) and measures it the same way: the reach of this budget, not a generalisation
+figure. Data: NIH Pancreas-CT, Roth et al., TCIA 2016, doi:10.7937/K9/TCIA.2016.tNB1kqBU, CC BY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dualssl.config import Config  # noqa: E402
+from dualssl.recipes import SCALES  # noqa: E402
+
+NIH = Path("real/nih_pancreas_ct_0001")
+TS = Path("real/totalsegmentator_example")
+ATTRIBUTION = "NIH Pancreas-CT, Roth et al., TCIA, CC BY"
+DEFAULT_SITES = "pv_standard,pancreatic_thin,lowdose_sharp,ir_smooth"
+
+
+def recipe(scale: str, steps: int, steps_per_epoch: int, seed: int) -> dict:
+    """The benchmark's dotted overrides: ``scale`` + augmentation on, plain loss, ``steps`` steps."""
+    epochs = max(1, round(steps / steps_per_epoch))
+    return {**SCALES[scale], "data.augment": True, "loss.lambda_con": 0.0, "loss.lambda_rec": 0.0,
+            "optim.steps_per_epoch": steps_per_epoch, "optim.epochs": epochs, "optim.seed": seed,
+            "eval.val_every": 1, "eval.cheap_metric": "val_dice", "data.val_fraction": 0.4}
+
+
+def train(root: Path, sites: list[str], overrides: dict, run: Path) -> tuple[Path, dict]:
+    """Fit with the engine; export the best checkpoint to ``run/model``; returns (model dir, facts)."""
+    from dualssl.engine import CheckpointSaver, fit
+    from dualssl.export import export_model
+
+    cfg = Config().with_overrides(overrides)
+    cfg.data.root, cfg.data.source_sites = str(root), sites
+    cfg.data.cache_dir = str(run.parent / "cache")
+    start = time.perf_counter()
+    result = fit(cfg, callbacks=[CheckpointSaver(run)])
+    wall = time.perf_counter() - start
+    facts = {"train_wall_s": round(wall, 1), "best_val_dice": round(float(result.best_metric), 4),
+             "best_epoch": int(result.best_epoch), "epochs": cfg.optim.epochs,
+             "steps": cfg.optim.epochs * cfg.optim.steps_per_epoch}
+    model = export_model(run / "checkpoint_best.pt", run / "model",
+                         metadata={"benchmark": "sim_to_real", "data_root": str(root), "source_sites": sites,
+                                   **facts})
+    return model, facts
+
+
+def predict(model: Path, scan: Path, out: Path) -> Path:
+    """``dualssl predict --model MODEL SCAN -o OUT`` as a user runs it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "dualssl.cli", "predict", "--model", str(model), str(scan), "-o", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return out
+
+
+def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
+    idx = np.argwhere(mask)
+    return None if not len(idx) else (affine[:3, :3] @ idx.mean(0) + affine[:3, 3])
+
+
+def measure(pred_path: Path, label_path: Path) -> dict:
+    """Dice, HD95 (mm), volumes (ml) and centroid distance (mm) of a prediction file against a label file."""
+    from dualssl.evaluation.metrics import case_metrics
+
+    lab_img = nib.load(label_path)
+    label = np.asarray(lab_img.dataobj) > 0
+    pred = np.asarray(nib.load(pred_path).dataobj) > 0
+    spacing = [float(s) for s in lab_img.header.get_zooms()[:3]]
+    m = case_metrics(pred.astype(np.uint8), label.astype(np.uint8), spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    cp, cl = _world_centroid(pred, lab_img.affine), _world_centroid(label, lab_img.affine)
+    return {"dice": round(float(m["dice"]), 4), "hd95_mm": round(float(m["hd95"]), 1),
+            "pred_ml": round(float(pred.sum() * voxel_ml), 1), "label_ml": round(float(label.sum() * voxel_ml), 1),
+            "centroid_mm": None if cp is None else round(float(np.linalg.norm(cp - cl)), 1)}
+
+
+def evaluate_real(model: Path, real: Path, out: Path) -> dict:
+    nih_pred = predict(model, real / NIH / "ct.nii.gz", out / "nih_pred.nii.gz")
+    ts_pred = predict(model, real / TS / "ct.nii.gz", out / "ts_pred.nii.gz")
+    ts = measure(ts_pred, real / TS / "pancreas_predicted.nii.gz")
+    return {"nih": measure(nih_pred, real / NIH / "pancreas.nii.gz"),
+            "totalseg_agreement": {"dice_vs_totalsegmentator_prediction": ts["dice"], "pred_ml": ts["pred_ml"],
+                                   "totalsegmentator_ml": ts["label_ml"],
+                                   "note": "agreement with a model's prediction, not accuracy"}}
+
+
+def figure(real: Path, rows: dict[str, Path], out: Path) -> None:
+    """Axial NIH slice through the pancreas (largest label slice): manual label and each run's outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ct = nib.as_closest_canonical(nib.load(real / NIH / "ct.nii.gz"))
+    lab = np.asarray(nib.as_closest_canonical(nib.load(real / NIH / "pancreas.nii.gz")).dataobj) > 0
+    z = int(np.argmax(lab.sum((0, 1))))
+    img = np.asarray(ct.dataobj[:, :, z], np.float32)
+    ys, xs = np.nonzero(lab[:, :, z])
+    box = (slice(max(xs.min() - 90, 0), xs.max() + 90), slice(max(ys.min() - 90, 0), ys.max() + 90))
+    colours = ["tab:red", "tab:orange", "tab:cyan", "tab:purple"]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    # RAS array: show with anterior up and patient right on the left (radiological view)
+    view = lambda a: np.flipud(a[::-1, :].T)[box[1], box[0]]  # noqa: E731
+    ax.imshow(view(img), cmap="gray", vmin=-160, vmax=240)
+    ax.contour(view(lab[:, :, z].astype(float)), levels=[0.5], colors="lime", linewidths=1.5)
+    handles = [plt.Line2D([], [], color="lime", label="manual label")]
+    for (name, path), colour in zip(rows.items(), colours):
+        pred = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj[:, :, z]) > 0
+        if pred.any():
+            ax.contour(view(pred.astype(float)), levels=[0.5], colors=colour, linewidths=1.2)
+        handles.append(plt.Line2D([], [], color=colour, label=name))
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.set_axis_off()
+    ax.set_title(f"NIH PANCREAS_0001, axial slice {z} (largest label area)", fontsize=9)
+    fig.text(0.01, 0.01, f"Data: {ATTRIBUTION}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def reference_list(real: Path, out: Path) -> Path:
+    """A one-case list: the NIH scan (as two entries via symlinks in ``out``: one trains, one validates)."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for tag in ("a", "b"):
+        for name in ("ct", "pancreas"):
+            link = out / f"nih_{tag}_{name}.nii.gz"
+            if not link.exists():
+                link.symlink_to((real / NIH / f"{name}.nii.gz").resolve())
+        entries.append({"image": f"nih_{tag}_ct.nii.gz", "label": f"nih_{tag}_pancreas.nii.gz", "site": "nih",
+                        "case_id": f"nih_{tag}"})
+    (out / "dataset.json").write_text(json.dumps(entries, indent=1))
+    return out / "dataset.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--sites", default=DEFAULT_SITES, help="phantom training sites")
+    parser.add_argument("--cases-per-site", type=int, default=6)
+    parser.add_argument("--scale", type=float, default=0.5, help="phantom scale")
+    parser.add_argument("--recipe", default="demo", choices=list(SCALES))
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps-per-epoch", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--shape-bank", type=Path, default=None, help="real pancreas masks for the phantom")
+    parser.add_argument("--phantom", type=Path, default=None, help="reuse this phantom dataset")
+    parser.add_argument("--reference", action="store_true", help="also train the recipe on the NIH scan")
+    parser.add_argument("--no-phantom-run", action="store_true", help="only the --reference run")
+    args = parser.parse_args(argv)
+    if not (args.real / NIH / "ct.nii.gz").is_file():
+        parser.error(f"{args.real / NIH}: the real NIH scan is absent; pass --real SHARED_DATA")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sites = [s for s in args.sites.split(",") if s]
+    overrides = recipe(args.recipe, args.steps, args.steps_per_epoch, args.seed)
+    report: dict = {"recipe": {"scale": args.recipe, **overrides},
+                    "phantom": {"sites": sites, "cases_per_site": args.cases_per_site, "scale": args.scale,
+                                "shape_bank": str(args.shape_bank) if args.shape_bank else None},
+                    "load_average": os.getloadavg()[0]}
+    preds: dict[str, Path] = {}
+    if not args.no_phantom_run:
+        root = args.phantom or args.out / "phantom"
+        if not (root / "dataset.json").is_file():
+            from dualssl.data.phantom import generate_dataset
+
+            start = time.perf_counter()
+            generate_dataset(root, sites=sites, cases_per_site=args.cases_per_site, seed=0, scale=args.scale,
+                             shape_bank=args.shape_bank)
+            report["phantom"]["generate_s"] = round(time.perf_counter() - start, 1)
+        model, facts = train(root, sites, overrides, args.out / "run")
+        report["phantom_run"] = {**facts, **evaluate_real(model, args.real, args.out / "pred")}
+        preds["trained on phantom"] = args.out / "pred" / "nih_pred.nii.gz"
+        print(json.dumps(report["phantom_run"]), flush=True)
+    if args.reference:
+        ref_root = reference_list(args.real, args.out / "nih_list")
+        model, facts = train(ref_root, ["nih"], overrides, args.out / "reference")
+        report["reference_run"] = {**facts, **evaluate_real(model, args.real, args.out / "reference_pred"),
+                                   "note": "trained and validated on the NIH scan itself: the budget's reach"}
+        preds["trained on the NIH scan (reference)"] = args.out / "reference_pred" / "nih_pred.nii.gz"
+        print(json.dumps(report["reference_run"]), flush=True)
+    (args.out / "sim_to_real.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    figure(args.real, preds, args.out / "sim_to_real.png")
+    print(f"wrote {args.out / 'sim_to_real.json'} and {args.out / 'sim_to_real.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
