@@ -116,7 +116,7 @@ class Predictor:
 
     def labels_from_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """``(K,X,Y,Z)`` probabilities -> ``(1,X,Y,Z)`` uint8 argmax labels, post-processed."""
-        labels = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
+        labels = argmax_channels(probs)
         if self.cfg.eval.keep_largest:
             labels = keep_large_components(labels)
         return labels
@@ -170,6 +170,24 @@ class Predictor:
         out = nib.Nifti1Image(mask, ref.affine, header=header)
         out.set_data_dtype(np.uint8)
         return out
+
+
+def argmax_channels(probs: torch.Tensor) -> torch.Tensor:
+    """``(K,X,Y,Z)`` -> ``(1,X,Y,Z)`` uint8 index of the largest channel (the first one on ties), as
+    ``torch.argmax(probs, dim=0, keepdim=True)`` but one channel at a time.
+
+    ``torch.argmax`` over a short leading axis walks memory with a stride of a whole volume: on the
+    CPU it took 28-47 s for ``(2, 512, 418, 240)`` (the NIH scan's grid), this takes 3 s.
+    """
+    if probs.ndim != 4 or not 1 <= probs.shape[0] <= 255:
+        raise ValueError(f"probs: expected (K,X,Y,Z) with 1 <= K <= 255, got {tuple(probs.shape)}")
+    labels = torch.zeros((1, *probs.shape[1:]), dtype=torch.uint8, device=probs.device)
+    best = probs[0].clone()
+    for k in range(1, probs.shape[0]):
+        better = probs[k] > best
+        labels[0].masked_fill_(better, k)
+        torch.maximum(best, probs[k], out=best)
+    return labels
 
 
 def _translation(offset: np.ndarray) -> np.ndarray:
