@@ -18,17 +18,15 @@ intensity and position. ``ipa=False`` keeps one GIN draw. Image only; the label 
 from __future__ import annotations
 
 import functools
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
-from dualssl.data.augment.randconv import minmax, plain
+from dualssl.data.augment.base import RandImageAugmentd, minmax
 
 LEAKY_SLOPE = 0.01
 """Negative slope of the leaky ReLU (torch's default, as in the authors' code)."""
@@ -42,15 +40,14 @@ def _spline_matrix(n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(m[:size].astype(np.float32))
 
 
-class GINd(RandomizableTransform, MapTransform):
+class GINd(RandImageAugmentd):
     """GIN-IPA of ``keys`` (images ``(C, X, Y, Z)`` in [0, 1]) with probability ``prob``; the output
     stays ``(C, X, Y, Z)`` float32 in [0, 1]. Every random number comes from ``self.R``."""
 
     def __init__(self, keys: KeysCollection = "image", prob: float = 1.0, n_layers: int = 4, channels: int = 2,
                  kernel_sizes: Sequence[int] = (1, 3), ipa: bool = True, control_points: int = 4,
                  allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob, allow_missing_keys)
         if n_layers < 2 or channels < 1 or control_points < 2:
             raise ValueError(f"GINd: n_layers={n_layers} (>= 2), channels={channels} (>= 1), "
                              f"control_points={control_points} (>= 2)")
@@ -111,16 +108,3 @@ class GINd(RandomizableTransform, MapTransform):
             return views[0]
         b = self.blend_map(x.shape[1:])
         return b * views[0] + (1.0 - b) * views[1]
-
-    def __call__(self, data: Mapping[Hashable, Any], randomize: bool = True) -> dict[Hashable, Any]:
-        d = dict(data)
-        if randomize:
-            self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            img = d[key]
-            with torch.no_grad():
-                out = self.augment(plain(img)).clamp_(0.0, 1.0)
-            d[key] = convert_to_dst_type(out, dst=img, dtype=torch.float32)[0]
-        return d

@@ -10,41 +10,24 @@ with a negative weight inverts the contrast. Image only; the label is untouched.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import convert_to_dst_type
+
+from dualssl.data.augment.base import RandImageAugmentd, minmax, plain
 
 
-def plain(img: Any) -> torch.Tensor:
-    """``img`` as a plain float32 tensor (no MetaTensor bookkeeping inside the random ops)."""
-    x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
-    return x.to(torch.float32)
-
-
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    """Rescale each channel of ``x`` ``(C, X, Y, Z)`` to [0, 1]; a constant channel becomes 0."""
-    flat = x.reshape(x.shape[0], -1)
-    lo, hi = flat.min(1).values, flat.max(1).values
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return ((x - lo.view(shape)) / span.view(shape)).clamp_(0.0, 1.0)
-
-
-class RandConvd(RandomizableTransform, MapTransform):
+class RandConvd(RandImageAugmentd):
     """Random 3D convolution of ``keys`` (images ``(C, X, Y, Z)`` in [0, 1]) with probability ``prob``;
     the output stays ``(C, X, Y, Z)`` float32 in [0, 1]."""
 
     def __init__(self, keys: KeysCollection = "image", prob: float = 1.0,
                  kernel_sizes: Sequence[int] = (1, 3, 5, 7), mix: bool = True,
                  allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob, allow_missing_keys)
         if not kernel_sizes or any(int(k) < 1 or int(k) % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"RandConvd kernel_sizes={tuple(kernel_sizes)}: give odd sizes >= 1, e.g. (1, 3, 5, 7)")
         self.kernel_sizes = tuple(int(k) for k in kernel_sizes)
@@ -69,16 +52,6 @@ class RandConvd(RandomizableTransform, MapTransform):
         y = F.conv3d(x, torch.from_numpy(self.kernel)[None, None]).squeeze(1)
         return minmax(y)
 
-    def __call__(self, data: Mapping[Hashable, Any], randomize: bool = True) -> dict[Hashable, Any]:
-        d = dict(data)
-        if randomize:
-            self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            img = d[key]
-            with torch.no_grad():
-                x = plain(img)
-                out = self.alpha * x + (1.0 - self.alpha) * self.convolve(x)
-            d[key] = convert_to_dst_type(out.clamp_(0.0, 1.0), dst=img, dtype=torch.float32)[0]
-        return d
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(C, X, Y, Z)`` -> ``alpha * x + (1 - alpha) * convolve(x)``."""
+        return self.alpha * x + (1.0 - self.alpha) * self.convolve(x)
