@@ -1,8 +1,8 @@
 """Severity sweeps of the phantom: each knob changes what it says, measured on the written files.
 
 One sweep dataset (base ``pv_standard`` plus 11 sweep sites, one case each, scale 0.15) is written
-once; a sweep case is the base's patient with the same random draws, so the difference of two
-written images isolates the knob.
+once; every sweep site holds the same patients (never the base site's own, which a study trains on), so
+the difference of two written sweep images isolates the knob; each axis is compared with its neutral value.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dualssl.data.phantom import (SWEEP_AXES, Tissue, generate_dataset, generate
 from dualssl.data.verify import verify_dataset
 
 SCALE = 0.15
-SWEEPS = {"noise": [0, 10, 40], "hu_offset": [0, 50], "hu_scale": [1.25], "slice": [3],
-          "pixel": [1.6], "truncation": [250], "cupping": [100], "phase": ["native"]}
+SWEEPS = {"noise": [0, 10, 40], "hu_offset": [0, 50], "hu_scale": [1.0, 1.25], "slice": [3],
+          "pixel": [1.6], "truncation": [250], "cupping": [0, 100], "phase": ["native"]}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,12 @@ def _radius_mm(img: nib.Nifti1Image) -> np.ndarray:
     return np.hypot(world[0], world[1]).reshape(nx, ny, 1)
 
 
+def test_sweep_patients_are_not_the_base_sites_own(sweep_root):
+    # a study trains on the base site: its patients must not come back, noisier, as a test site
+    assert not np.array_equal(_label(sweep_root, "sweep-noise-0"), _label(sweep_root, "pv_standard"))
+    assert np.array_equal(_label(sweep_root, "sweep-noise-0"), _label(sweep_root, "sweep-hu_scale-1.25"))
+
+
 def test_dataset_json_lists_every_sweep_site(sweep_root):
     ds = json.loads((sweep_root / "dataset.json").read_text())
     expected = ["pv_standard"] + [f"sweep-{a}-{v:g}" if not isinstance(v, str) else f"sweep-{a}-{v}"
@@ -72,7 +78,7 @@ def test_noise_std_follows_the_noise_value(sweep_root):
     # std = value x body-size factor (0.85-1.2), the same factor at both values
     assert 0.85 * 10 - 0.5 < std[10] < 1.2 * 10 + 0.5
     assert std[40] / std[10] == pytest.approx(4.0, rel=0.02)
-    assert np.array_equal(_label(sweep_root, "sweep-noise-40"), _label(sweep_root, "pv_standard"))
+    assert np.array_equal(_label(sweep_root, "sweep-noise-40"), _label(sweep_root, "sweep-noise-0"))
 
 
 def test_hu_offset_shifts_the_stored_values(sweep_root):
@@ -81,18 +87,18 @@ def test_hu_offset_shifts_the_stored_values(sweep_root):
     diff = (shifted - zero)[unclipped]
     assert diff.mean() == pytest.approx(50.0, abs=0.02)
     assert np.abs(diff - 50).max() <= 1
-    assert np.array_equal(_label(sweep_root, "sweep-hu_offset-50"), _label(sweep_root, "pv_standard"))
+    assert np.array_equal(_label(sweep_root, "sweep-hu_offset-50"), _label(sweep_root, "sweep-noise-0"))
 
 
 def test_hu_scale_multiplies_the_stored_values(sweep_root):
-    base, scaled = _image(sweep_root, "pv_standard"), _image(sweep_root, "sweep-hu_scale-1.25")
+    base, scaled = _image(sweep_root, "sweep-hu_scale-1"), _image(sweep_root, "sweep-hu_scale-1.25")
     keep = (base > -700) & (base < 2000)
     slope, _ = np.polyfit(base[keep], scaled[keep], 1)
     assert slope == pytest.approx(1.25, abs=0.002)
 
 
 def test_slice_and_pixel_set_the_written_spacing(sweep_root):
-    base = _load(sweep_root, "pv_standard").header.get_zooms()
+    base = _load(sweep_root, "sweep-noise-0").header.get_zooms()  # the same patient, the base's acquisition
     thick = _load(sweep_root, "sweep-slice-3").header.get_zooms()
     coarse = _load(sweep_root, "sweep-pixel-1.6").header.get_zooms()
     assert base[2] == pytest.approx(1.0 / SCALE, rel=1e-5)
@@ -102,8 +108,8 @@ def test_slice_and_pixel_set_the_written_spacing(sweep_root):
 
 
 def test_cupping_drops_the_centre_by_the_value(sweep_root):
-    base_img = _load(sweep_root, "pv_standard")
-    base, cupped = _image(sweep_root, "pv_standard"), _image(sweep_root, "sweep-cupping-100")
+    base_img = _load(sweep_root, "sweep-cupping-0")
+    base, cupped = _image(sweep_root, "sweep-cupping-0"), _image(sweep_root, "sweep-cupping-100")
     body = np.broadcast_to(base > -300, base.shape)
     # drop = value x (1 - (r / R)^2), R = half the 500 mm square field of view of pv_standard
     profile = np.broadcast_to(1 - (_radius_mm(base_img) / 250.0) ** 2, base.shape)[body]
@@ -129,7 +135,10 @@ def test_phase_and_geometry_sweeps_keep_the_label_on_the_pancreas(sweep_root):
         assert label.sum() > 10, site
         medians[site] = float(np.median(_image(sweep_root, site)[label]))
         lo, hi = get_profile(site).expected_hu(Tissue.PANCREAS)
-        assert lo - 15 <= medians[site] <= hi, (site, medians[site])
+        # at this scale 3 mm slices are 20 mm thick and 1.6 mm pixels 11 mm wide: partial volume with
+        # the fat around the gland lowers the median
+        margin = 40 if site in ("sweep-slice-3", "sweep-pixel-1.6") else 15
+        assert lo - margin <= medians[site] <= hi, (site, medians[site])
     assert medians["sweep-phase-native"] < medians["pv_standard"] - 25
 
 

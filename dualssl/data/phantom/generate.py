@@ -30,6 +30,11 @@ REPORTED_TISSUES = {"pancreas": Tissue.PANCREAS, "liver": Tissue.LIVER, "spleen"
 """Tissues whose core medians (stored values) go into phantom_cases.json."""
 
 
+SWEEP_PATIENTS = 100_000
+"""Sweep sites draw their patients from the base site's seeds at index + this: the same patients at every
+severity (paired along the sweep), never the base site's own patients, which a study may train on."""
+
+
 def case_seed(seed: int, site: str, index: int) -> int:
     """Seed of case ``index`` of ``site``: depends on (seed, site, index) only, not on the order or
     the number of workers."""
@@ -106,7 +111,7 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
 
-    jobs = [(p, i, case_seed(seed, p.seed_site, i), float(scale), str(out), bank)
+    jobs = [(p, i, case_seed(seed, p.seed_site, i + (SWEEP_PATIENTS if p.sweep else 0)), float(scale), str(out), bank)
             for p in profiles for i in range(cases_per_site)]
     if workers == 1:
         infos = [_write_case(j) for j in jobs]

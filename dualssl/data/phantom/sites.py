@@ -61,8 +61,9 @@ class SiteProfile:
     fatty_range: tuple[float, float] = (0.0, 0.12)
     """Interlobular fat fraction of the pancreas in this site's population."""
     base: str = ""
-    """Site this profile derives from (severity sweeps, ``sweeps.py``): its cases are the base's
-    patients (case seeds drawn from the base's name), so only the swept knob differs; '' = none."""
+    """Site this profile derives from (severity sweeps, ``sweeps.py``): its case seeds are drawn from the
+    base's name (offset by ``generate.SWEEP_PATIENTS``), so every severity of a sweep holds the same
+    patients, none of them the base site's own; '' = none."""
     sweep: tuple = ()
     """``(axis, value)`` of a sweep profile (see :data:`dualssl.data.phantom.sweeps.AXES`); () = none."""
 
