@@ -118,13 +118,15 @@ def ray_head(tmp_path_factory):
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 180
         while time.time() < deadline:
-            ready = subprocess.run(["ray", "job", "list", "--address", f"http://127.0.0.1:{dash}"],
-                                   env=env, capture_output=True, timeout=30)
+            # Ready once the head accepts a job: `ray job list` answers before the job agent has
+            # registered, and a submission then fails with "No available agent to submit job".
+            ready = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
+                                   env=env, capture_output=True, timeout=60)
             if ready.returncode == 0:
                 break
-            time.sleep(2)
+            time.sleep(3)
         else:
             pytest.fail(f"the Ray head did not come up: {(temp / 'head.log').read_text()[-2000:]}")
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
