@@ -405,6 +405,10 @@ def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):
+        from studies.local_cluster import reserve_auth
+
+        reserve_auth()  # before anything imports ray: it reads the auth mode once
     try:
         plan = prepare(args)
         if args.address is None and not os.environ.get("RAY_ADDRESS"):

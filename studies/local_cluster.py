@@ -30,6 +30,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def reserve_auth() -> dict[str, str]:
+    """This process's token for its private head, put in the environment now: Ray reads
+    ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` once, when it is first imported (the driver's preflight may
+    import it, e.g. for the search space, before the head is started). Idempotent."""
+    if os.environ.get("DUALSSL_PRIVATE_RAY_TOKEN") is None:
+        os.environ["DUALSSL_PRIVATE_RAY_TOKEN"] = secrets.token_hex(16)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["DUALSSL_PRIVATE_RAY_TOKEN"]}
+    os.environ.update(auth)
+    return auth
+
+
 @contextmanager
 def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -> Iterator[str]:
     """Start a Ray head on this machine; yields its address (``127.0.0.1:PORT``)."""
@@ -37,7 +48,7 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
     address = f"127.0.0.1:{port}"
     # Ray's local clusters use token authentication: one fresh token for the head, its processes and
     # this driver (set before `ray` is first imported, which reads it once).
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    auth = reserve_auth()
     env = {**os.environ, **auth, "RAY_ADDRESS": address}
     cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]

@@ -330,6 +330,10 @@ def _disconnect() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):
+        from studies.local_cluster import reserve_auth
+
+        reserve_auth()  # before anything imports ray: it reads the auth mode once
     try:
         plan = prepare(args)  # every problem at once, before a Ray head, a phantom or MLflow exist
         if args.address is None and not os.environ.get("RAY_ADDRESS"):
