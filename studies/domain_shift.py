@@ -405,19 +405,14 @@ def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.address is None and not os.environ.get("RAY_ADDRESS"):
-        from studies.local_cluster import reserve_auth
+    from studies.local_cluster import needs_private_head, reserve_auth, study_cluster
 
+    if needs_private_head(args.address):
         reserve_auth()  # before anything imports ray: it reads the auth mode once
     try:
         plan = prepare(args)
-        if args.address is None and not os.environ.get("RAY_ADDRESS"):
-            from studies.local_cluster import local_cluster
-
-            with local_cluster() as address:
-                args.address = address
-                summary = run_study(args, plan)
-        else:
+        with study_cluster(args.address) as address:
+            args.address = address
             summary = run_study(args, plan)
     except (ConfigError, ResourceError) as exc:
         print(f"studies/domain_shift.py: error: {exc}", file=sys.stderr)

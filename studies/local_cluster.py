@@ -30,6 +30,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def needs_private_head(address: str | None) -> bool:
+    """Whether a study must start its own head: neither ``--address`` nor ``RAY_ADDRESS`` (``ray job submit``)."""
+    return address is None and not os.environ.get("RAY_ADDRESS")
+
+
+@contextmanager
+def study_cluster(address: str | None) -> Iterator[str | None]:
+    """The cluster a study runs on: the given one (yields ``address``), else a private head (yields its
+    address). Call :func:`reserve_auth` (via ``needs_private_head``) before ray is first imported."""
+    if not needs_private_head(address):
+        yield address
+        return
+    with local_cluster() as private:
+        yield private
+
+
 def reserve_auth() -> dict[str, str]:
     """This process's token for its private head, put in the environment now: Ray reads
     ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` once, when it is first imported (the driver's preflight may

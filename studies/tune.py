@@ -330,23 +330,18 @@ def _disconnect() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.address is None and not os.environ.get("RAY_ADDRESS"):
-        from studies.local_cluster import reserve_auth
+    from studies.local_cluster import needs_private_head, reserve_auth, study_cluster
 
+    if needs_private_head(args.address):
         reserve_auth()  # before anything imports ray: it reads the auth mode once
     try:
         plan = prepare(args)  # every problem at once, before a Ray head, a phantom or MLflow exist
-        if args.address is None and not os.environ.get("RAY_ADDRESS"):
-            from studies.local_cluster import local_cluster
-
-            with local_cluster() as address:
-                args.address = address
-                try:
-                    summary = run_study(args, plan)
-                finally:
-                    _disconnect()
-        else:
-            summary = run_study(args, plan)
+        with study_cluster(args.address) as address:
+            args.address = address
+            try:
+                summary = run_study(args, plan)
+            finally:
+                _disconnect()
     except (ConfigError, ResourceError) as exc:
         print(f"studies/tune.py: error: {exc}", file=sys.stderr)
         return 2
