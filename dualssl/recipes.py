@@ -26,14 +26,21 @@ Recipe = Mapping[str, Any]
 
 TINY: Recipe = {
     "model.widths": (8, 16, 32, 64), "data.patch_size": (32, 32, 16), "data.spacing": (3.0, 3.0, 4.0),
-    "data.batch_size": 1, "data.samples_per_volume": 1, "eval.sw_batch_size": 1,
+    "data.batch_size": 1, "data.samples_per_volume": 1,
+    # windows in batches of 4: on the CPU a batch of one runs conv3d 5-10x slower per window
+    # (dualssl.evaluation.inference.pad_single_batch, benchmarks/conv_batch.py)
+    "eval.sw_batch_size": 4,
 }
 """Narrow net, coarse voxels, small patches: the base of the CPU recipes."""
 
 SCALES: dict[str, Recipe] = {
     "smoke": {**TINY, "optim.steps_per_epoch": 4, "optim.lr": 1e-3, "optim.epochs": 2},
     "demo": {**TINY, "data.patch_size": (48, 48, 32), "data.samples_per_volume": 2, "data.augment": False,
-             "optim.lr": 3e-3, "optim.steps_per_epoch": 10, "optim.epochs": 10,
+             # 300 steps: the fixed costs of a trial (worker start-up, cross-site evaluation) stay
+             # a quarter of its time or less (benchmarks/study_throughput.py)
+             "optim.lr": 3e-3, "optim.steps_per_epoch": 30, "optim.epochs": 10,
+             # whole-volume validation every other epoch; ASHA's rungs fall on these epochs
+             "eval.val_every": 2,
              # 2 of the phantom's 5 cases a site validate (0.25 would leave 1: one scan would decide
              # the study, and a net that predicts nothing could tie for best).
              "data.val_fraction": 0.4,

@@ -111,12 +111,17 @@ def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: s
     return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
 
 
-def remote_evaluate(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) -> dict[str, Any]:
-    """:func:`evaluate_checkpoint` as a Ray task holding one Train worker's resources."""
+def evaluate_async(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) -> ray.ObjectRef:
+    """:func:`evaluate_checkpoint` as a Ray task holding one Train worker's resources (its future)."""
     # "DEFAULT": outside the trial's placement group, which holds only the trial's own reservation
     task = ray.remote(evaluate_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1,
                                                    scheduling_strategy="DEFAULT")
-    return ray.get(task.remote(checkpoint, "cuda" if gpus > 0 else "cpu", max(1, int(cpus))))
+    return task.remote(checkpoint, "cuda" if gpus > 0 else "cpu", max(1, int(cpus)))
+
+
+def remote_evaluate(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) -> dict[str, Any]:
+    """:func:`evaluate_async`, waited for."""
+    return ray.get(evaluate_async(checkpoint, cpus, gpus))
 
 
 def _number(value: Any) -> float | None:

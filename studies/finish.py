@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import ray.train
 
-from studies.crosssite import flat_metrics, is_cross_metric, remote_evaluate
+from studies.crosssite import evaluate_async, flat_metrics, is_cross_metric
 from studies.trainable import FINAL_KEY, best_checkpoint, checkpoint_history, objective, split_config, write_artifacts
 from studies.objectives import objective_values
 from studies.tracking import log_study_summary, log_trial_outcome, trial_runs
@@ -54,11 +54,43 @@ def _searched(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any
     return {k: config[k] for k in names if k in config}
 
 
-def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict[str, Any]:
-    """One line of the trial table; evaluates a stopped trial's best checkpoint on unseen sites."""
+def _trial_id(result) -> str:
+    return str((result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_"))
+
+
+def launch_evaluations(grid) -> dict[str, Any]:
+    """Start the cross-site evaluation of every trial that ASHA stopped, all at once (Ray tasks that
+    run side by side as far as the cluster's CPUs allow): ``{trial_id: (train result, best
+    checkpoint, its metrics, future, start time)}``, or ``{trial_id: exception}`` when its Train run
+    holds no checkpoint."""
+    import time
+
+    pending: dict[str, Any] = {}
+    for result in grid:
+        if result.error is not None or (result.metrics or {}).get(FINAL_KEY):
+            continue
+        settings = split_config(result.config)[1]
+        run_path = f"{settings.train_storage}/train_{_trial_id(result)}"
+        try:
+            train_result = ray.train.Result.from_path(run_path, storage_filesystem=_storage_fs(run_path))
+            best, best_metrics = best_checkpoint(train_result)
+        except (RuntimeError, FileNotFoundError) as exc:
+            pending[_trial_id(result)] = exc
+            continue
+        future = evaluate_async(best, settings.cpus_per_worker, settings.gpus_per_worker)
+        pending[_trial_id(result)] = (train_result, best, best_metrics, future, time.time())
+    return pending
+
+
+def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str],
+              pending: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of the trial table; a stopped trial's numbers come from its evaluation in
+    ``pending`` (:func:`launch_evaluations`; launched here when not given)."""
+    import time
+
     study_dir = Path(manifest["study_dir"])
     metrics = dict(result.metrics or {})
-    trial_id = str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
+    trial_id = _trial_id(result)
     cfg, settings = split_config(result.config)
     selection_metric = cfg.eval.selection_metric
     folder = study_dir / "trials" / trial_id
@@ -83,13 +115,13 @@ def trial_row(result, manifest: dict[str, Any], run_ids: dict[str, str]) -> dict
     else:
         row["status"] = STOPPED
         run_path = f"{settings.train_storage}/train_{trial_id}"
-        try:
-            train_result = ray.train.Result.from_path(run_path, storage_filesystem=_storage_fs(run_path))
-            best, best_metrics = best_checkpoint(train_result)
-        except (RuntimeError, FileNotFoundError) as exc:
-            row.update(status=f"error: {exc}", objective=float("nan"), metrics={})
+        launched = (pending if pending is not None else launch_evaluations([result])).get(trial_id)
+        if not isinstance(launched, tuple):
+            row.update(status=f"error: {launched}", objective=float("nan"), metrics={})
             return row
-        outcome = remote_evaluate(best, settings.cpus_per_worker, settings.gpus_per_worker)
+        train_result, best, best_metrics, future, eval_started = launched
+        outcome = ray.get(future)
+        row["eval_wait_s"] = time.time() - eval_started  # from launch, so it includes queueing
         cross = flat_metrics(outcome["summary"])
         best_val = float(best_metrics.get(selection_metric, float("nan")))
         best_epoch = int(best_metrics.get("epoch", -1))
@@ -221,7 +253,8 @@ def finish_study(grid, manifest: dict[str, Any], export: bool = True,
     """Fill in every trial, rank them (or take the Pareto point), log the parent summary and export."""
     study_dir = Path(manifest["study_dir"])
     run_ids = trial_runs(manifest["tracking_uri"], manifest["parent_run_id"])
-    rows = [trial_row(result, manifest, run_ids) for result in grid]
+    pending = launch_evaluations(grid)
+    rows = [trial_row(result, manifest, run_ids, pending) for result in grid]
     rows = _previous_rows(study_dir, rows) + rows
     names = manifest.get("objectives") or ["val_dice"]
     for r in rows:  # the objective values, as the searcher saw them, on the row and the trial's run

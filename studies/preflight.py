@@ -22,6 +22,23 @@ DEFAULT_STORAGE = Path.home() / "dualssl-studies"
 PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
 
 
+SLOW_CALLBACK_WARNING_S = 10.0
+"""Tune warns of every callback slower than 0.5 s (``TUNE_WARN_THRESHOLD_S``): on a busy laptop the
+MLflow logger of each result is, and the warnings drowned the progress table."""
+
+
+def console_defaults(verbose: bool) -> None:
+    """What the terminal shows: without ``--verbose``, Tune's slow-callback warnings only above
+    :data:`SLOW_CALLBACK_WARNING_S` and MLflow's INFO lines (database set-up) in no terminal. Call it
+    before Ray Tune is imported (it reads the threshold once); a value the user set is kept."""
+    import logging
+
+    if verbose:
+        return
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", str(SLOW_CALLBACK_WARNING_S))
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="studies/tune.py", description="Hyperparameter study of dualssl on Ray Tune: "
                                 "OptunaSearch (TPE) + ASHA + MLflow, then export.")

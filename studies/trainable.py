@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from dualssl.config import Config, ConfigError
 from studies.crosssite import flat_metrics, remote_evaluate
+from studies.throughput import time_breakdown
 from studies.train_loop import ASHA_KEY, SCORE_KEY, train_loop_per_worker
 
 FINAL_KEY = "final"
@@ -174,6 +176,7 @@ def objective(selection: str, best_val: float, cross: dict[str, float]) -> float
 def train_func(config: dict[str, Any]) -> None:
     """Tune function trainable: train with Ray Train, then measure the best epoch on unseen sites."""
     # 1. Unpack the config.
+    started = time.time()
     cfg, settings = split_config(config)
     trial_id = tune.get_context().get_trial_id()
     use_gpu = settings.gpus_per_worker > 0
@@ -207,13 +210,16 @@ def train_func(config: dict[str, Any]) -> None:
         ),
     )
     result = trainer.fit()
+    fit_done = time.time()
 
     # 3. The best epoch's checkpoint, from the reported metrics (not Result.checkpoint).
     best, best_metrics = best_checkpoint(result)
     history = checkpoint_history(result.checkpoint)
 
-    # 4. Cross-site evaluation of that checkpoint, holding one worker's resources.
-    outcome = remote_evaluate(best, settings.cpus_per_worker, settings.gpus_per_worker)
+    # 4. Cross-site evaluation of that checkpoint, with the CPUs the worker group just gave back
+    # (torch threads = those CPUs) and one worker's GPU.
+    outcome = remote_evaluate(best, settings.cpus_per_worker * settings.workers, settings.gpus_per_worker)
+    eval_done = time.time()
     cross = flat_metrics(outcome["summary"])
     selection_metric = cfg.eval.selection_metric
     best_val = float(best_metrics.get(selection_metric, float("nan")))
@@ -234,4 +240,6 @@ def train_func(config: dict[str, Any]) -> None:
             "selection": settings.selection}
     with tempfile.TemporaryDirectory(prefix="dualssl-trial-") as tmp:
         write_artifacts(Path(tmp), cfg, history, outcome["files"], info)
+        # where the trial's time went (studies/throughput.py), as time/* metrics of its result and run
+        final.update(time_breakdown(history, started, fit_done, eval_done, time.time()))
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))

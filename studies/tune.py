@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # `python studies/tune.py`: make `studies` import
 
 from dualssl.config import Config, ConfigError  # noqa: E402
 from studies.preflight import (DEFAULT_STORAGE, PHANTOM_SITES, StudyError, StudyPlan, base_config,  # noqa: E402,F401
-                               build_parser, is_uri, phantom_sites, prepare, resolve_paths, set_keys,
+                               build_parser, console_defaults, is_uri, phantom_sites, prepare, resolve_paths, set_keys,
                                stability_problem)
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.search_space import finished_trials, make_searcher, optuna_study_for  # noqa: E402
@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if needs_private_head(args.address):
         reserve_auth()  # before anything imports ray: it reads the auth mode once
+    console_defaults(args.verbose)
     try:
         plan = prepare(args)  # every problem at once, before a Ray head, a phantom or MLflow exist
         with study_cluster(args.address) as address:

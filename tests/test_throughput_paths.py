@@ -40,3 +40,30 @@ def test_labels_from_probs_are_the_argmax_of_softmax_probabilities():
     probs = torch.softmax(torch.randn(2, 12, 10, 8, generator=torch.Generator().manual_seed(1)), dim=0)
     assert torch.equal(predictor.labels_from_probs(probs),
                        torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8))
+
+
+def test_pad_single_batch_doubles_only_a_single_cpu_sample():
+    from dualssl.evaluation.inference import pad_single_batch
+
+    one = torch.randn(1, 1, 4, 4, 4)
+    padded = pad_single_batch(one)
+    assert padded.shape == (2, 1, 4, 4, 4) and torch.equal(padded[0], one[0]) and torch.equal(padded[1], one[0])
+    two = torch.randn(2, 1, 4, 4, 4)
+    assert pad_single_batch(two) is two
+
+
+def test_window_batch_size_does_not_change_the_prediction():
+    """Windows slid one at a time (padded to two on the CPU) or four at a time give the same probabilities."""
+    from dualssl.models import SegmentationNet
+    from dualssl.models.factory import build_model
+    from dualssl.recipes import recipe_config
+
+    cfg = recipe_config("smoke")
+    torch.manual_seed(0)
+    net = SegmentationNet(build_model(cfg.model)).eval()
+    image = torch.randn(1, 40, 36, 20, generator=torch.Generator().manual_seed(2))
+    probs = {}
+    for sw_batch in (1, 4):
+        cfg.eval.sw_batch_size = sw_batch
+        probs[sw_batch] = Predictor(net, cfg, device="cpu").predict_probs(image)
+    assert torch.allclose(probs[1], probs[4], atol=1e-5)
