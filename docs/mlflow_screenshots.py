@@ -97,7 +97,7 @@ EXPAND = """(() => { const row = [...document.querySelectorAll('[role=row], .ag-
 
 
 SCROLL_TO = """(() => { const want = %s;
-  const el = [...document.querySelectorAll('td, th, div, span')].find(e => e.children.length === 0
+  const el = [...document.querySelectorAll('td, th, div, span, a')].find(e => e.children.length === 0
       && e.textContent.trim().startsWith(want));
   if (el) { el.scrollIntoView({block: 'center'}); return true; } return false; })()"""
 
@@ -166,7 +166,11 @@ def main() -> int:
                             [r.info.run_id for r in children], args.out))
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(30)
+        try:
+            ui.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait(20)
     return 0
 
 

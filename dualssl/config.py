@@ -192,6 +192,10 @@ class OptimConfig:
     max_nonfinite_steps: int = 5
     """A step whose loss (any part) or gradient is not finite is skipped (no weight change) and
     counted; this many in a row stop the run with an error naming the epoch and the part."""
+    compile: bool = False
+    """Run the training forwards through ``torch.compile`` of the model (validation, checkpoints and
+    export keep the eager module, which shares its weights). Needs a C/C++ compiler for the CPU
+    backend; the first steps pay the compilation (``benchmarks/step_cost.py --compile`` measures it)."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
@@ -203,6 +207,7 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
         _check(self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
                "must be >= 1 (consecutive non-finite steps tolerated before the run stops)")
+        _check(isinstance(self.compile, bool), "optim.compile", f"must be true or false, got {self.compile!r}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +236,14 @@ def log_model(model_dir: str | Path, *, registered_name: str | None = REGISTERED
     if mlflow.active_run() is None:
         raise RuntimeError("dualssl.export.log_model: no active MLflow run; call it inside mlflow.start_run()")
     _, cfg = load_model(model_dir)  # refuses an incomplete or inconsistent folder before logging it
-    info = mlflow.pyfunc.log_model(
-        name=name, python_model=serving.__file__, artifacts={serving.ARTIFACT: str(Path(model_dir))},
-        signature=model_signature(cfg), pip_requirements=pinned_requirements(),
-        registered_model_name=registered_name, await_registration_for=60)
+    with warnings.catch_warnings():
+        # The signature is given (model_signature) and the model takes a tensor, not a DataFrame:
+        # MLflow's advice to add type hints or an input example does not apply.
+        warnings.filterwarnings("ignore", message=".*(type hints|input example was not provided)", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=serving.__file__, artifacts={serving.ARTIFACT: str(Path(model_dir))},
+            signature=model_signature(cfg), pip_requirements=pinned_requirements(),
+            registered_model_name=registered_name, await_registration_for=60)
     result: dict[str, Any] = {"model_uri": info.model_uri, "registered_uri": None, "version": None}
     if registered_name:
         version = info.registered_model_version

@@ -312,7 +312,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     from dualssl.stats import read_cases
     from studies import trainable as trainable_mod
     from studies.shift_table import CASE_COLUMNS, collect, write_csv
-    from studies.tracking import TrialRuns, git_revision, start_parent_run
+    from studies.tracking import TrialRuns, git_revision, result_loggers, start_parent_run
     from studies.tune import cluster_nodes, connect, default_workers
 
     started = time.time()
@@ -367,7 +367,8 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=plan.experiment, storage_path=plan.storage,
                                       verbose=2 if args.verbose else 1, failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[TrialRuns(tracking_uri, plan.experiment, parent, tags)]))
+                                      callbacks=[TrialRuns(tracking_uri, plan.experiment, parent, tags),
+                                                 *result_loggers()]))
     grid = tuner.fit()
 
     # 6. One table of every case of every finished cell.

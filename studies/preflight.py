@@ -29,13 +29,16 @@ MLflow logger of each result is, and the warnings drowned the progress table."""
 
 def console_defaults(verbose: bool) -> None:
     """What the terminal shows: without ``--verbose``, Tune's slow-callback warnings only above
-    :data:`SLOW_CALLBACK_WARNING_S` and MLflow's INFO lines (database set-up) in no terminal. Call it
-    before Ray Tune is imported (it reads the threshold once); a value the user set is kept."""
+    :data:`SLOW_CALLBACK_WARNING_S`, and neither MLflow's INFO lines (database set-up) nor its
+    artifact download bars. Call it before Ray Tune and MLflow are imported (they read these once);
+    a value the user set is kept."""
     import logging
 
     if verbose:
         return
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", str(SLOW_CALLBACK_WARNING_S))
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 

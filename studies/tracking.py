@@ -199,6 +199,19 @@ class TrialRuns(MLflowLoggerCallback):
         log_metrics(self.mlflow_util._get_client(), self._trial_runs[trial], _flatten(result), step)
 
 
+def result_loggers() -> list:
+    """Tune's JSON and CSV result loggers (``result.json``, ``progress.csv`` in every trial folder)
+    without its TensorBoard logger, which prints "NaN or Inf found in input tensor." for every NaN
+    in a result (epochs without validation report NaN): MLflow is the study's dashboard. Sets
+    ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` so that Tune adds none of its own."""
+    import os
+
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
+
+
 def _flatten(result: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in result.items():

@@ -165,7 +165,7 @@ def selection_metric_tag(cfg: Config, selection: str) -> str:
     return f"{cfg.eval.selection_metric} (source validation, best epoch)"
 
 
-REPORT_EVERY_S = 60.0
+REPORT_EVERY_S = 180.0
 """The progress table is printed when a trial starts, stops or finishes, and at most this often for
 new epochs (always at the end)."""
 
@@ -209,7 +209,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     from studies import trainable as trainable_mod
     from studies.finish import finish_study, write_manifest
     from studies.objectives import searcher_metrics
-    from studies.tracking import TrialRuns, describe_study, git_revision, start_parent_run
+    from studies.tracking import TrialRuns, describe_study, git_revision, result_loggers, start_parent_run
 
     started = time.time()
     # 1. Flags -> config, paths, search space, data files (errors name the flag or file).
@@ -307,7 +307,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
             run_config=tune.RunConfig(
                 name=experiment, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
-                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags)], **run_config,
+                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags), *result_loggers()], **run_config,
             ),
         )
     grid = tuner.fit()

@@ -158,7 +158,8 @@ class Trainer:
         return optimizer, scheduler
 
     def setup(self) -> None:
-        """Seed, then build data, model, loss, optimizer and AMP state (once)."""
+        """Seed, then build data, model (``torch.compile``d for training with ``optim.compile``), loss,
+        optimizer and AMP state (once)."""
         if self._is_setup:
             return
         seed_everything(self.cfg.optim.seed + self.rank)
@@ -168,6 +169,11 @@ class Trainer:
         self.train_loader = self.wrap_loader(self.data.train_loader)
         self.net = self.build_model().to(self.device)
         self.model = self.wrap_model(self.net)
+        if self.cfg.optim.compile:
+            # The training forwards run compiled; self.net (same parameters) stays the eager module
+            # that state_dict, validation and export use. Static shapes: a run sees two input sizes
+            # (the patch and the restoration crop), each gets its own graph.
+            self.model = torch.compile(self.model, dynamic=False)
         self.criterion = self.build_loss().to(self.device)
         self.optimizer, self.scheduler = self.configure_optimizers(self.net)
         self.amp_dtype = amp_dtype(self.cfg.optim.amp, self.device)
@@ -310,7 +316,7 @@ class Trainer:
         metrics["rec_ratio"] = changed / region if region > 0 else (math.nan if self.cfg.loss.restoration_on else 0.0)
         metrics["nonfinite_steps"] = float(skipped)
         metrics["steps"] = float(n)
-        metrics["epoch_time_s"] = time.perf_counter() - start
+        metrics["train_time_s"] = time.perf_counter() - start
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
 
@@ -319,6 +325,8 @@ class Trainer:
     def validate_patches(self) -> float:
         """Cheap metric: global Dice of argmax over the fixed validation patches (all ranks share);
         NaN when neither the predictions nor the labels hold any foreground."""
+        from dualssl.evaluation.inference import pad_single_batch
+
         self.net.eval()
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         loader = self.data.val_patch_loader
@@ -328,7 +336,7 @@ class Trainer:
             image = batch["image"].to(self.device).float()
             label = batch["label"].to(self.device) > 0.5
             with self.autocast():
-                logits = self.net(image)["logits"]
+                logits = self.net(pad_single_batch(image))["logits"][: image.shape[0]]
             pred = logits.argmax(1, keepdim=True) > 0
             stats[0] += 2 * (pred & label).sum()
             stats[1] += pred.sum() + label.sum()
@@ -434,9 +442,14 @@ class Trainer:
                           file=sys.stdout, dynamic_ncols=True)
         selection = self.cfg.eval.selection_metric
         for epoch in epochs:
-            metrics = {"epoch": float(epoch)}
+            # Where an epoch's time goes (studies/throughput.py): time.time() stamps compare across
+            # processes; callback_time_s (checkpointing, reporting) is added to this epoch's row after
+            # its callbacks ran, so a checkpoint holds it for every epoch but its own.
+            metrics = {"epoch": float(epoch), "epoch_start_unix": time.time()}
             metrics.update(self.train_epoch(epoch))
+            start = time.perf_counter()
             metrics.update(self.validate(epoch))
+            metrics["val_time_s"] = time.perf_counter() - start
             self.scheduler.step()
             self.epoch = epoch + 1
             value = metrics.get(selection, math.nan)
@@ -448,8 +461,10 @@ class Trainer:
             self.capture_rng_states()  # a collective: state_dict runs on rank 0 only
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{metrics['loss']:.3f}", dice=f"{metrics.get('val_dice', math.nan):.3f}")
+            start = time.perf_counter()
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, metrics, self.state_dict)
+            metrics["callback_time_s"] = time.perf_counter() - start
         result = FitResult(self.best_metric, self.best_epoch, list(self.history))
         for cb in self.callbacks:
             cb.on_train_end(self, result)
