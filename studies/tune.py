@@ -166,14 +166,14 @@ def selection_metric_tag(cfg: Config, selection: str) -> str:
 
 
 REPORT_EVERY_S = 180.0
-"""The progress table is printed when a trial starts, stops or finishes, and at most this often for
-new epochs (always at the end)."""
+"""The progress table is printed when the first trial runs, when a trial ends (finished, stopped by
+ASHA or errored), at most this often for new epochs, and at the end; not when a trial starts."""
 
 
 def progress_reporter(search: dict[str, Any]):
     """Tune's ``CLIReporter`` with the searched parameters, epoch, val Dice and the cross-site mean,
-    printed on a change of a trial's status at once and on new epochs at most every
-    :data:`REPORT_EVERY_S` seconds; without Ray's memory and resource lines."""
+    printed when a trial ends and on new epochs at most every :data:`REPORT_EVERY_S` seconds
+    (see there); without Ray's memory and resource lines."""
     from ray.tune import CLIReporter
 
     class StudyReporter(CLIReporter):
@@ -187,12 +187,13 @@ def progress_reporter(search: dict[str, Any]):
             self._last = 0.0
 
         def should_report(self, trials, done: bool = False) -> bool:
-            status = tuple((t.trial_id, t.status) for t in trials)
+            ended = tuple(t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR"))
             epochs = tuple((t.last_result or {}).get("epochs_done") for t in trials)
-            changed = not self._seen or status != self._seen[0]
+            first = not self._seen and any(t.status == "RUNNING" for t in trials)
+            changed = bool(self._seen) and ended != self._seen[0]
             due = bool(self._seen) and epochs != self._seen[1] and time.time() - self._last > REPORT_EVERY_S
-            if done or changed or due:
-                self._seen, self._last = (status, epochs), time.time()
+            if done or first or changed or due:
+                self._seen, self._last = (ended, epochs), time.time()
                 return True
             return False
 
