@@ -8,6 +8,11 @@ so the next trial waits forever. Here the head is started with ``ray start`` on 
 ``RAY_ADDRESS`` in its environment, which every Ray process it spawns inherits; the head and its
 processes form one process group that is stopped as a whole at the end. Call it before ``ray`` is
 imported in this process: the driver reads the cluster's auth token from the environment once.
+
+A driver killed outright (SIGKILL, the OOM killer) runs no cleanup, and the head lives in a session of
+its own: on Linux the kernel sends ``ray start`` SIGTERM when its driver dies (``PR_SET_PDEATHSIG``), and
+``ray start --block`` then stops the GCS, raylet, dashboard, agents and workers, so no private head
+outlives its study (tests/test_driver_resume.py).
 """
 
 from __future__ import annotations
@@ -65,13 +70,16 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
     # Ray's local clusters use token authentication: one fresh token for the head, its processes and
     # this driver (set before `ray` is first imported, which reads it once).
     auth = reserve_auth()
-    env = {**os.environ, **auth, "RAY_ADDRESS": address}
+    # No drain on SIGTERM (Ray waits up to 30 s for a draining node, for Serve): a private head has
+    # nothing to hand over, and once its driver is gone nobody waits for it.
+    env = {**os.environ, **auth, "RAY_ADDRESS": address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     log = tempfile.NamedTemporaryFile("w+", prefix="dualssl-ray-head-", suffix=".log", delete=False)
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with(os.getpid()))
     try:
         deadline = time.time() + start_timeout_s
         # Ready when its job server answers (the dashboard is up once the GCS and raylet are).
@@ -95,6 +103,30 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
         _stop(head)
         forget_head(port)
         log.close()
+
+
+def _die_with(parent: int):
+    """``preexec_fn`` for the head: SIGTERM to ``ray start`` when ``parent`` (this driver) dies, however
+    it dies (Linux ``prctl(PR_SET_PDEATHSIG)``); None where that does not exist. ``ray start --block``
+    stops every process of its node on SIGTERM (a SIGKILL would leave the raylet's dashboard and
+    runtime-env agents behind). ``prctl`` is looked up here, in the parent: the child between fork
+    and exec only calls it."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        if os.getppid() != parent:  # the driver died before the prctl: no signal will come
+            os._exit(1)
+
+    return preexec
 
 
 def forget_head(port: int) -> None:

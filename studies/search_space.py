@@ -160,6 +160,19 @@ def make_searcher(metric: str | list[str], mode: str | list[str], seed: int, n_s
     from studies.trainable import FINAL_KEY
 
     class PruneAwareOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            # A driver killed after Optuna recorded a trial's end but before Tune's next experiment
+            # snapshot (every >= 10 s) leaves that trial RUNNING in Tune's state: `--resume` runs it
+            # again, and reporting to its finished Optuna trial would raise UpdateFinishedTrialError
+            # and end the study. Optuna keeps what it recorded; the rerun is not told again.
+            trial = self._ot_trials.get(trial_id)
+            if trial is not None and trial_id not in self._completed_trials:
+                running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if trial.number not in {t.number for t in running}:
+                    self._completed_trials.add(trial_id)
+            if trial_id not in self._completed_trials:
+                super().on_trial_result(trial_id, result)
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             names = self.metric if isinstance(self.metric, list) else [self.metric]
             if result is not None and isinstance(self.metric, list):
