@@ -6,8 +6,16 @@ One step is the engine's protocol (``Trainer.train_step``): forward of the clean
 with a curved, pancreas-like label blob) for every variant. Runs are interleaved (ABBA order) after
 a warm-up, and the medians compared. Goal: ratio <= 1.25 on CPU.
 
+``--backends device,reference`` times the dual-SSL step with the label-side work (contrastive
+sampling, voxel selection, corruption) on the device without host round trips (``device``, the
+default) and with the original host-side code (``reference``: NumPy/scikit-image sampling, voxel
+lists by ``nonzero``), side by side. ``--compile`` adds a ``torch.compile``d twin of every dual-SSL
+variant (the model's forwards, as ``optim.compile`` does; compilation happens in the warm-up and
+is timed apart) and reports compiled / eager.
+
     python benchmarks/step_cost.py                       # widths 8,16,32,64, patch 96x96x64, batch 2
     python benchmarks/step_cost.py --rec-crops 1,0.75,0.5 --repeats 9 --device cuda
+    python benchmarks/step_cost.py --backends device,reference --compile --patch 64,64,32
 """
 
 from __future__ import annotations
@@ -56,12 +64,15 @@ def pancreas_like_batch(batch: int, patch: tuple[int, int, int], spacing: tuple[
 
 
 class Variant:
-    """A model, its optimizer and its loss for one loss configuration."""
+    """A model, its optimizer and its loss for one loss configuration (``backend`` of the loss,
+    ``compiled``: the forwards go through ``torch.compile(net, dynamic=False)`` as in ``Trainer.setup``)."""
 
-    def __init__(self, net: torch.nn.Module, loss_cfg: LossConfig, spacing: tuple[float, float, float]) -> None:
+    def __init__(self, net: torch.nn.Module, loss_cfg: LossConfig, spacing: tuple[float, float, float],
+                 backend: str = "device", compiled: bool = False) -> None:
         self.net = net
+        self.model = torch.compile(net, dynamic=False) if compiled else net
         self.cfg = loss_cfg
-        self.loss = DualSSLLoss(loss_cfg, spacing)
+        self.loss = DualSSLLoss(loss_cfg, spacing, backend=backend)  # type: ignore[arg-type]
         self.opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=5e-4)
 
     def step(self, image: torch.Tensor, label: torch.Tensor, device: torch.device) -> dict[str, float]:
@@ -72,11 +83,11 @@ class Variant:
             _sync(device)
             clocks.append((time.perf_counter(), time.process_time()))
 
-        outputs = self.net(image, embeddings=self.cfg.contrastive_on)
+        outputs = self.model(image, embeddings=self.cfg.contrastive_on)
         tick()
         corrupted = self.loss.corrupt(image, label)
         tick()
-        rec_outputs = self.net(corrupted.image, restoration=True) if corrupted is not None else None
+        rec_outputs = self.model(corrupted.image, restoration=True) if corrupted is not None else None
         tick()
         parts = self.loss(outputs, label, rec_outputs, corrupted)
         tick()
@@ -106,6 +117,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rec-crops", default=str(LossConfig().rec_crop),
                         help="comma-separated loss.rec_crop values, one dual-SSL variant each")
+    parser.add_argument("--backends", default="device",
+                        help="comma-separated loss backends of the dual-SSL variants: device, reference")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a torch.compile'd twin of every dual-SSL variant and report compiled / eager")
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -120,12 +135,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     net = build_model(ModelConfig(widths=tuple(int(w) for w in args.widths.split(",")))).to(device)
     plain = "plain (lambdas 0)"
     variants = {plain: Variant(net, LossConfig(lambda_con=0.0, lambda_rec=0.0), spacing)}
+    backends = args.backends.split(",")
+    twins: dict[str, str] = {}  # compiled variant -> its eager twin
+    other_backend: dict[str, str] = {}  # variant -> the same recipe with the first backend
     for crop in (float(c) for c in args.rec_crops.split(",")):
-        variants[f"dual rec_crop={crop:g}"] = Variant(copy.deepcopy(net), LossConfig(rec_crop=crop), spacing)
+        for backend in backends:
+            name = f"dual rec_crop={crop:g}" + (f" {backend}" if len(backends) > 1 else "")
+            variants[name] = Variant(copy.deepcopy(net), LossConfig(rec_crop=crop), spacing, backend=backend)
+            if backend != backends[0]:
+                other_backend[name] = f"dual rec_crop={crop:g} {backends[0]}"
+            if args.compile:
+                twins[f"{name} compiled"] = name
+                variants[f"{name} compiled"] = Variant(copy.deepcopy(net), LossConfig(rec_crop=crop), spacing,
+                                                       backend=backend, compiled=True)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     names = list(variants)
-    for name in names:  # warm-up (allocator, kernels, first skeletonize)
-        variants[name].step(image, label, device)
+    warmup: dict[str, float] = {}
+    for name in names:  # warm-up (allocator, kernels, first skeletonize, compilation): two steps
+        start = time.perf_counter()
+        for _ in range(2):
+            variants[name].step(image, label, device)
+        warmup[name] = time.perf_counter() - start
     for i in range(args.repeats):
         for name in names if i % 2 == 0 else names[::-1]:  # ABBA: drifts in machine load hit all alike
             times[name].append(variants[name].step(image, label, device))
@@ -133,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"device {device}, threads {torch.get_num_threads()}, widths {args.widths}, patch {patch}, "
           f"batch {args.batch}, {args.repeats} interleaved repeats (medians, seconds)")
     for name in names[1:]:
+        counts = tuple(int(c) for c in variants[name].loss.last_counts)
         print(f"{name}: loss parts of the last step {variants[name].last_parts}; contrastive samples "
-              f"(pos, neg) = {variants[name].loss.last_counts}")
+              f"(pos, neg) = {counts}")
+    print("  warm-up (2 steps, compilation included), wall s: "
+          + ", ".join(f"{name} {seconds:.1f}" for name, seconds in warmup.items()))
     keys = list(times[names[0]][0])
     width = max(20, max(len(n) for n in names) + 2)
     print(f"  {'stage':18s}" + "".join(f"{name:>{width}s}" for name in names))
@@ -149,6 +182,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ratios[name] = med[name]["step wall"] / med[plain]["step wall"]
         ratio_cpu = med[name]["step cpu"] / med[plain]["step cpu"]
         print(f"ratio {name} / plain = {ratios[name]:.3f} wall-clock, {ratio_cpu:.3f} CPU time  (goal <= 1.25)")
+    for name, base in other_backend.items():
+        ratios[f"{name} / {base}"] = med[name]["step wall"] / med[base]["step wall"]
+        print(f"ratio {name} / {base} = {ratios[f'{name} / {base}']:.3f} wall-clock, "
+              f"{med[name]['step cpu'] / med[base]['step cpu']:.3f} CPU time")
+    for compiled, eager in twins.items():
+        ratios[f"{compiled} / eager"] = med[compiled]["step wall"] / med[eager]["step wall"]
+        print(f"ratio {compiled} / eager = {ratios[f'{compiled} / eager']:.3f} wall-clock, "
+              f"{med[compiled]['step cpu'] / med[eager]['step cpu']:.3f} CPU time  (< 1: compile is faster)")
     return ratios
 
 

@@ -114,7 +114,7 @@ def test_structure_loss_is_sampling_then_formula():
     torch.manual_seed(0)
     label = torch.from_numpy(np.stack([tube_label(seed=0), tube_label(seed=1)])[:, None].astype(np.float32))
     emb = torch.nn.functional.normalize(torch.rand(2, 6, 6, 6, 4), dim=1).requires_grad_()
-    loss = StructureContrastiveLoss(tau=0.1, min_pos_voxels=3)
+    loss = StructureContrastiveLoss(tau=0.1, min_pos_voxels=3, backend="reference")
     value = loss(emb, label, rng=np.random.default_rng(5))
     samples = sample_batch(label, ring_kernel=(10, 20), min_pos_voxels=3, min_neg_voxels=5,
                            rng=np.random.default_rng(5))
@@ -125,11 +125,13 @@ def test_structure_loss_is_sampling_then_formula():
     assert emb.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["device", "reference"])
 @pytest.mark.parametrize("case", ["no pancreas", "no ring"])
-def test_empty_batch_gives_finite_zero_with_zero_gradient(case):
+def test_empty_batch_gives_finite_zero_with_zero_gradient(case, backend):
     label = torch.zeros(2, 1, 32, 32, 16) if case == "no pancreas" else torch.ones(2, 1, 32, 32, 16)
     emb = torch.nn.functional.normalize(torch.rand(2, 4, 4, 4, 2), dim=1).requires_grad_()
-    value = StructureContrastiveLoss(tau=0.05)(emb, label, rng=np.random.default_rng(0))
+    rng = {"rng": np.random.default_rng(0)} if backend == "reference" else {}
+    value = StructureContrastiveLoss(tau=0.05, backend=backend)(emb, label, **rng)
     assert value.item() == 0.0
     value.backward()
     assert emb.grad is not None and torch.equal(emb.grad, torch.zeros_like(emb))
@@ -141,6 +143,10 @@ def test_structure_loss_checks_shapes():
         loss(torch.rand(1, 4, 4, 4, 4), torch.zeros(1, 1, 32, 32, 16))
     with pytest.raises(ValueError, match=r"\(B, 1, X, Y, Z\)"):
         loss(torch.rand(1, 4, 4, 4, 2), torch.zeros(1, 32, 32, 16))
+    with pytest.raises(ValueError, match="backend"):
+        StructureContrastiveLoss(tau=0.1, backend="numpy")
+    with pytest.raises(ValueError, match="generator"):  # a NumPy generator drives the reference backend only
+        loss(torch.rand(1, 4, 4, 4, 2), torch.zeros(1, 1, 32, 32, 16), rng=np.random.default_rng(0))
 
 
 def test_band_is_dilate_minus_erode_in_mm():

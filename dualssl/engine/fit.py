@@ -214,7 +214,8 @@ class Trainer:
         stepped = self.optimizer_step(parts)
         out = {("loss" if k == "loss" else f"loss_{k}"): v.detach() for k, v in parts.items()}
         pos, neg = self.criterion.last_counts
-        out["con_pos"], out["con_neg"] = torch.tensor(float(pos)), torch.tensor(float(neg))
+        # counts are device tensors (no host sync) or, with the reference sampling, Python ints
+        out["con_pos"], out["con_neg"] = (torch.as_tensor(v, device=self.device).float() for v in (pos, neg))
         zero = torch.zeros((), device=self.device)
         out["rec_changed"] = corrupted.changed_voxels.sum() if corrupted is not None else zero
         out["rec_region"] = corrupted.region_voxels.sum() if corrupted is not None else zero

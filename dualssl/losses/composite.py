@@ -10,6 +10,11 @@ contrastive losses are therefore computed on a forward of the CLEAN patch only; 
 image (a crop around the band, ``loss.rec_crop``, see ``dualssl.losses.restoration``) goes through a
 second forward whose only loss is restoration. Nothing the segmentation head is trained on ever
 carries the corruption's placement.
+
+``backend="device"`` (the default) keeps the whole loss on the batch's device with fixed shapes and
+no host round trip: contrastive sampling by ``sample_cells``, corruption by ``select_voxels`` and
+``corrupt_batch``. ``backend="reference"`` runs the original host-side code (NumPy sampling, voxel
+lists by ``nonzero``), e.g. to compare (``benchmarks/step_cost.py --backends``).
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ import torch
 from torch import nn
 
 from dualssl.config import LossConfig
-from dualssl.losses.contrastive import StructureContrastiveLoss
+from dualssl.losses.contrastive import BACKENDS, Backend, StructureContrastiveLoss
 from dualssl.losses.restoration import Corrupted, corrupt_region, restoration_loss
 from dualssl.losses.segmentation import segmentation_loss
 from dualssl.losses.uncertainty import band_radius
 
 
 class DualSSLLoss(nn.Module):
-    """``DualSSLLoss(loss_cfg, spacing)``; ``spacing`` is the data's voxel size in mm ``(X, Y, Z)``.
+    """``DualSSLLoss(loss_cfg, spacing, backend="device")``; ``spacing`` is the data's voxel size in mm ``(X, Y, Z)``.
 
     Per step::
 
@@ -43,20 +48,24 @@ class DualSSLLoss(nn.Module):
     ``last_counts`` holds the contrastive ``(positives, negatives)`` of the latest call.
     """
 
-    def __init__(self, loss_cfg: LossConfig, spacing: Sequence[float]) -> None:
+    def __init__(self, loss_cfg: LossConfig, spacing: Sequence[float], backend: Backend = "device") -> None:
         super().__init__()
         loss_cfg.validate()
         band_radius(spacing, loss_cfg.band_mm)  # checks spacing
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: choose one of {', '.join(BACKENDS)}, got {backend!r}")
         self.cfg = loss_cfg
         self.spacing = tuple(float(s) for s in spacing)
+        self.backend = backend
         self.seg = segmentation_loss()
         self.contrastive = StructureContrastiveLoss(
             loss_cfg.tau, ring_kernel=tuple(loss_cfg.ring_kernel),  # type: ignore[arg-type]
-            min_pos_voxels=loss_cfg.min_pos_voxels, min_neg_voxels=loss_cfg.min_neg_voxels)
+            min_pos_voxels=loss_cfg.min_pos_voxels, min_neg_voxels=loss_cfg.min_neg_voxels, backend=backend)
 
     @property
-    def last_counts(self) -> tuple[int, int]:
-        """Contrastive ``(num_pos, num_neg)`` samples of the latest call ((0, 0) when the branch is off)."""
+    def last_counts(self) -> tuple[int, int] | tuple[torch.Tensor, torch.Tensor]:
+        """Contrastive ``(num_pos, num_neg)`` samples of the latest call ((0, 0) when the branch is off);
+        scalar device tensors with the device backend (reading them is a host sync)."""
         return self.contrastive.last_counts if self.cfg.contrastive_on else (0, 0)
 
     @torch.no_grad()
@@ -77,7 +86,7 @@ class DualSSLLoss(nn.Module):
         return corrupt_region(image, label, self.spacing, ratio=self.cfg.corruption_ratio,
                               band_mm=self.cfg.band_mm, crop=self.cfg.rec_crop,
                               probs=probs if self.cfg.entropy_widen else None,
-                              entropy_threshold=self.cfg.entropy_threshold)
+                              entropy_threshold=self.cfg.entropy_threshold, backend=self.backend)
 
     def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor,
                 rec_outputs: dict[str, torch.Tensor] | None = None,

@@ -1,10 +1,23 @@
 """Models-Genesis-style image corruptions (Zhou et al., 2019/2021) restricted to chosen voxels.
 
-Only the chosen voxels (a few per cent of a patch: blobs inside the boundary band) change, so
-every corruption is written point-wise on the list of chosen voxels: it costs O(number of chosen
-voxels), runs on the batch's device and is batched over samples (each sample draws its own
-corruptions and parameters). MONAI's RandCoarseShuffle / RandCoarseDropout / RandHistogramShift
-do whole-image versions one sample at a time on the CPU, which is neither of those things.
+Only the chosen voxels (blobs inside the boundary band) change. Every corruption is written
+point-wise on a list of voxels (``Voxels``), runs on the batch's device and is batched over
+samples (each sample draws its own corruptions and parameters). MONAI's RandCoarseShuffle /
+RandCoarseDropout / RandHistogramShift do whole-image versions one sample at a time on the CPU,
+which is neither of those things.
+
+Two drivers of the same corruptions:
+
+* ``corrupt_batch`` (the training default): the list is EVERY voxel of the (cropped) batch, in raster
+  order, and the chosen ones are kept with ``torch.where``. Fixed shapes, no host round trip;
+  O(crop voxels) work, which the crop (``loss.rec_crop``) keeps small.
+* ``corrupt_batch_reference`` (the original code): the list is the chosen voxels (``nonzero``, a host
+  sync) and a corruption that no sample drew is skipped (another sync). O(chosen voxels).
+
+Given the same RNG state, both give the same image when every voxel is chosen and every
+corruption is drawn by some sample; otherwise they consume the random stream differently.
+``select_voxels`` (sorting) and ``select_voxels_reference`` (``kthvalue`` per sample) choose the same
+voxels from the same RNG state.
 
 The chain per sample, in Models Genesis' order and with its probabilities (``CORRUPTION_TABLE``):
 local pixel shuffling, then a non-linear intensity curve, then in- or out-painting.
@@ -47,9 +60,17 @@ class Voxels:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "Voxels":
-        """From a ``(B, 1, X, Y, Z)`` bool mask."""
+        """From a ``(B, 1, X, Y, Z)`` bool mask (``nonzero``: a host sync on a GPU)."""
         b, x, y, z = mask[:, 0].nonzero(as_tuple=True)
         return cls(b, x, y, z, (mask.shape[0], *mask.shape[2:]))
+
+    @classmethod
+    def every(cls, size: tuple[int, int, int, int], device: torch.device) -> "Voxels":
+        """Every voxel of a ``size = (B, X, Y, Z)`` batch in raster order (what ``from_mask`` of an
+        all-True mask gives), without a host sync."""
+        grids = torch.meshgrid(*(torch.arange(n, device=device) for n in size), indexing="ij")
+        b, x, y, z = (g.reshape(-1) for g in grids)
+        return cls(b, x, y, z, tuple(int(n) for n in size))  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return int(self.b.numel())
@@ -66,16 +87,16 @@ def _rand(*shape: int, like: torch.Tensor) -> torch.Tensor:
 def local_pixel_shuffle(image: torch.Tensor, vox: Voxels, max_block: int | None = None) -> torch.Tensor:
     """Each voxel takes the value of a random voxel of its block; blocks tile the patch.
 
-    Block sides are drawn per call from 2 to about a tenth of the patch side (Models Genesis
-    shuffles inside blocks up to that size). Intensities stay, local texture and edges go.
-    The source is drawn with replacement (a point-wise stand-in for a permutation).
+    Block sides are drawn per sample and axis from 2 to about a tenth of the patch side (Models
+    Genesis shuffles inside blocks up to that size), on the device. Intensities stay, local texture
+    and edges go. The source is drawn with replacement (a point-wise stand-in for a permutation).
     ``image (B, C, X, Y, Z)`` -> values ``(N, C)``.
     """
     out = []
     for coord, n in zip((vox.x, vox.y, vox.z), vox.size[1:]):
-        side = int(torch.randint(2, max(2, max_block or n // 10) + 1, ()).item())
+        side = torch.randint(2, max(2, max_block or n // 10) + 1, (vox.size[0],), device=image.device)[vox.b]
         start = coord - coord % side
-        offset = (_rand(len(vox), like=image) * side).long()
+        offset = (_rand(vox.b.numel(), like=image) * side).long()
         out.append((start + offset).clamp(max=n - 1))
     return image[vox.b, :, out[0], out[1], out[2]]
 
@@ -124,8 +145,9 @@ def in_boxes(vox: Voxels, side_frac: tuple[float, float], like: torch.Tensor) ->
         frac = side_frac[0] + (side_frac[1] - side_frac[0]) * _rand(nb, MAX_PAINT_BOXES, like=like)
         side = (n * frac).floor().clamp(1, n)
         start = ((n - side + 1) * _rand(nb, MAX_PAINT_BOXES, like=like)).floor()
-        c = coord.float()[:, None]
-        inside = inside & (c >= start[vox.b]) & (c < (start + side)[vox.b])
+        pos = torch.arange(n, device=like.device, dtype=start.dtype)
+        span = (pos >= start[..., None]) & (pos < (start + side)[..., None])  # (B, boxes, n) along this axis
+        inside = inside & span[vox.b, :, coord]
     return inside.any(dim=1)
 
 
@@ -156,29 +178,64 @@ def draw_corruptions(batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
             "in_painting": paint & ~out, "out_painting": out}
 
 
-def corrupt_batch(image: torch.Tensor, mask: torch.Tensor,
-                  drawn: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Corrupt ``image (B, C, X, Y, Z)`` at the voxels of ``mask (B, 1, X, Y, Z)`` bool; equal to it elsewhere.
-
-    ``drawn`` (from ``draw_corruptions``) says which corruptions each sample gets; drawn here when None.
-    """
+def _check_mask(image: torch.Tensor, mask: torch.Tensor) -> None:
     if mask.shape[0] != image.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != image.shape[2:]:
         raise ValueError(f"mask must be (B, 1, X, Y, Z) matching image {list(image.shape)}, got {list(mask.shape)}")
-    drawn = draw_corruptions(image.shape[0], image) if drawn is None else drawn
-    vox = Voxels.from_mask(mask)
-    if len(vox) == 0:
-        return image
+
+
+def _chain(image: torch.Tensor, vox: Voxels, drawn: dict[str, torch.Tensor],
+           skip_undrawn: bool) -> torch.Tensor:
+    """The Models Genesis chain at ``vox``: ``(N, C)`` values; each sample takes its drawn steps.
+    ``skip_undrawn`` skips a step no sample drew (reads a device flag: a host sync)."""
     values = vox.read(image)
     steps = (("local_pixel_shuffle", lambda v: local_pixel_shuffle(image, vox)),
              ("nonlinear_intensity", lambda v: nonlinear_intensity(v, vox)),
              ("in_painting", lambda v: in_painting(v, vox)),
              ("out_painting", lambda v: out_painting(v, vox)))
     for name, step in steps:
-        if bool(drawn[name].any()):
+        if not skip_undrawn or bool(drawn[name].any()):
             values = torch.where(drawn[name][vox.b][:, None], step(values), values)
+    return values
+
+
+def corrupt_batch(image: torch.Tensor, mask: torch.Tensor,
+                  drawn: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Corrupt ``image (B, C, X, Y, Z)`` at the voxels of ``mask (B, 1, X, Y, Z)`` bool; equal to it elsewhere.
+
+    ``drawn`` (from ``draw_corruptions``) says which corruptions each sample gets; drawn here when None.
+    Every voxel goes through the chain and ``mask`` picks the result: fixed shapes, no host sync.
+    """
+    _check_mask(image, mask)
+    drawn = draw_corruptions(image.shape[0], image) if drawn is None else drawn
+    b, c, *size = image.shape
+    vox = Voxels.every((b, *size), image.device)  # type: ignore[arg-type]
+    values = _chain(image, vox, drawn, skip_undrawn=False)  # (B*X*Y*Z, C), raster order
+    corrupted = values.reshape(b, *size, c).permute(0, 4, 1, 2, 3)
+    return torch.where(mask, corrupted, image)
+
+
+def corrupt_batch_reference(image: torch.Tensor, mask: torch.Tensor,
+                            drawn: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``corrupt_batch`` point-wise on the chosen voxels only (the original code; host syncs)."""
+    _check_mask(image, mask)
+    drawn = draw_corruptions(image.shape[0], image) if drawn is None else drawn
+    vox = Voxels.from_mask(mask)
+    if len(vox) == 0:
+        return image
+    values = _chain(image, vox, drawn, skip_undrawn=True)
     out = image.clone()
     out[vox.b, :, vox.x, vox.y, vox.z] = values
     return out
+
+
+def _blob_field(region: torch.Tensor, ratio: float, blob: int) -> torch.Tensor:
+    """The smooth random field of ``select_voxels``, ``-1`` outside ``region``: ``(B, X*Y*Z)``."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"loss.corruption_ratio: must lie in [0, 1], got {ratio}")
+    b, _, *size = region.shape
+    coarse = _rand(b, 1, *[-(-n // blob) + 1 for n in size], like=region)
+    field = F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
+    return torch.where(region, field, -1.0).reshape(b, -1)  # the field lies in [0, 1]
 
 
 def select_voxels(region: torch.Tensor, ratio: float, blob: int = 4) -> torch.Tensor:
@@ -187,13 +244,21 @@ def select_voxels(region: torch.Tensor, ratio: float, blob: int = 4) -> torch.Te
     A smooth random field (uniform noise on a grid ``blob`` voxels apart, trilinearly upsampled)
     is cut per sample at the value that keeps exactly that many region voxels, so whole blobs
     are taken first. ``region (B, 1, X, Y, Z)`` bool -> same shape bool, a subset of ``region``.
+    The cut is the target-th largest value, read from one batched sort: no host sync.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"loss.corruption_ratio: must lie in [0, 1], got {ratio}")
-    b, _, *size = region.shape
-    coarse = _rand(b, 1, *[-(-n // blob) + 1 for n in size], like=region)
-    field = F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
-    field = torch.where(region, field, -1.0).reshape(b, -1)  # the field lies in [0, 1]
+    field = _blob_field(region, ratio, blob)
+    counts = region.flatten(1).sum(dim=1)
+    target = torch.round(counts.double() * ratio).long()  # as Python's round(ratio * count): half to even
+    ordered = field.sort(dim=1, descending=True).values
+    cut = ordered.gather(1, (target - 1).clamp(min=0)[:, None])
+    thresholds = torch.where(target[:, None] > 0, cut, 2.0)  # 2 selects nothing
+    return (field >= thresholds).reshape(region.shape)
+
+
+def select_voxels_reference(region: torch.Tensor, ratio: float, blob: int = 4) -> torch.Tensor:
+    """``select_voxels`` with one ``kthvalue`` per sample (the original code; reads counts on the host)."""
+    field = _blob_field(region, ratio, blob)
+    b = region.shape[0]
     counts = region.reshape(b, -1).sum(dim=1).tolist()
     thresholds = torch.full((b, 1), 2.0, device=region.device)  # 2 selects nothing
     for i, count in enumerate(counts):

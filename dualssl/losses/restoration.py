@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from dualssl.losses.corruptions import corrupt_batch, select_voxels
+from dualssl.losses.corruptions import corrupt_batch, corrupt_batch_reference, select_voxels, select_voxels_reference
 from dualssl.losses.uncertainty import uncertainty_region
 
 CHANGE_EPS = 1e-3
@@ -79,16 +78,16 @@ def crop_size(patch: Sequence[int], fraction: float) -> tuple[int, int, int]:
 
 def crop_origins(region: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crop starts ``(B, 3)`` long: centred on one random region voxel per sample (the patch centre
-    when a sample has none), clamped so the crop of ``size`` lies inside the patch. No host sync."""
+    when a sample has none), clamped so the crop of ``size`` lies inside the patch. No host sync
+    (and no host-to-device copy: the sizes enter as Python scalars)."""
     b, _, *patch = region.shape
     flat = region.reshape(b, -1)
     score = torch.rand(flat.shape, device=region.device) * flat  # 0 outside the region
     pick = score.argmax(dim=1)
-    centre = torch.stack([pick // (patch[1] * patch[2]), pick // patch[2] % patch[1], pick % patch[2]], dim=1)
-    middle = torch.tensor(patch, device=region.device) // 2
-    centre = torch.where(flat.any(dim=1, keepdim=True), centre, middle)
-    sizes = torch.tensor(size, device=region.device)
-    return (centre - sizes // 2).clamp(min=torch.zeros_like(sizes), max=torch.tensor(patch, device=region.device) - sizes)
+    centre = (pick // (patch[1] * patch[2]), pick // patch[2] % patch[1], pick % patch[2])
+    has = flat.any(dim=1)
+    return torch.stack([(torch.where(has, c, n // 2) - s // 2).clamp(min=0, max=n - s)
+                        for c, n, s in zip(centre, patch, size)], dim=1)
 
 
 def take_crops(volume: torch.Tensor, origin: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -114,7 +113,7 @@ def force_change(clean: torch.Tensor, corrupted: torch.Tensor, chosen: torch.Ten
 
 def corrupt_region(image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], *, ratio: float,
                    band_mm: float, crop: float = 1.0, probs: torch.Tensor | None = None,
-                   entropy_threshold: float = 0.5) -> Corrupted:
+                   entropy_threshold: float = 0.5, backend: str = "device") -> Corrupted:
     """Crop around the high-uncertainty region and corrupt a fraction ``ratio`` of its band voxels there.
 
     Args:
@@ -123,6 +122,8 @@ def corrupt_region(image: torch.Tensor, label: torch.Tensor, spacing: Sequence[f
         spacing: voxel size in mm ``(X, Y, Z)`` (band width).
         crop: side of the crop as a fraction of the patch side per axis (1 = the whole patch).
         probs: optional ``(B, K, X, Y, Z)`` probabilities; high-entropy voxels widen the region.
+        backend: ``"device"`` (no host sync: ``select_voxels``, ``corrupt_batch``) or ``"reference"``
+            (the original ``select_voxels_reference``, ``corrupt_batch_reference``).
     Returns:
         :class:`Corrupted`; its image equals the clean crop outside ``mask``.
     """
@@ -138,8 +139,12 @@ def corrupt_region(image: torch.Tensor, label: torch.Tensor, spacing: Sequence[f
     else:
         origin = crop_origins(region, size)
         clean, region = take_crops(image, origin, size), take_crops(region, origin, size)
-    chosen = select_voxels(region, ratio)
-    corrupted = force_change(clean, corrupt_batch(clean, chosen), chosen)
+    if backend not in ("device", "reference"):
+        raise ValueError(f"backend: choose device or reference, got {backend!r}")
+    select, corrupt = (select_voxels, corrupt_batch) if backend == "device" else \
+        (select_voxels_reference, corrupt_batch_reference)
+    chosen = select(region, ratio)
+    corrupted = force_change(clean, corrupt(clean, chosen), chosen)
     mask = (corrupted - clean).abs().amax(dim=1, keepdim=True) > CHANGE_EPS
     return Corrupted(corrupted, clean, mask, region.flatten(1).sum(dim=1), origin)
 
