@@ -40,6 +40,28 @@ def console_defaults(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    _drop_warnings(QUIET_WARNINGS)
+
+
+QUIET_WARNINGS = ("Add type hints to the `predict` method",)
+"""MLflow's advice when the export defines the pyfunc class (``dualssl/serving.py``): the model takes
+a tensor and its signature is given. MLflow raises it under its own ``simplefilter("once")``, which
+overrides any ``warnings.filterwarnings``, so it is dropped where warnings are shown."""
+
+
+def _drop_warnings(fragments: tuple[str, ...]) -> None:
+    import warnings
+
+    show = warnings.showwarning
+    if getattr(show, "dualssl_quiet", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not any(f in str(message) for f in fragments):
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.dualssl_quiet = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
 
 
 def build_parser() -> argparse.ArgumentParser:

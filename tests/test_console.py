@@ -67,3 +67,19 @@ def test_console_defaults_quiet_tune_and_mlflow_unless_verbose_or_set(monkeypatc
     assert float(os.environ["TUNE_WARN_THRESHOLD_S"]) >= 10
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG"
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+
+
+def test_the_export_prints_no_type_hint_advice_after_console_defaults():
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, {root!r})\n"
+            "from studies.preflight import console_defaults\n"
+            "{call}\n"
+            "import dualssl.serving\n")
+    root = str(Path(__file__).resolve().parents[1])
+    runs = {call: subprocess.run([sys.executable, "-W", "always", "-c", code.format(root=root, call=call)],
+                                 capture_output=True, text=True, timeout=120)
+            for call in ("console_defaults(False)", "console_defaults(True)")}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-500:] for r in runs.values()]
+    assert "Add type hints" not in runs["console_defaults(False)"].stderr
+    assert "Add type hints" in runs["console_defaults(True)"].stderr  # --verbose shows it, as MLflow does

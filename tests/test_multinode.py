@@ -215,7 +215,9 @@ def lost_node_study(two_nodes, phantom_root, tmp_path_factory):
 
     cmd = ["ray", "job", "submit", "--address", cluster.dashboard, "--submission-id", "smoke-study",
            "--working-dir", str(REPO), "--", "python", "studies/tune.py", "--smoke-test", "--data", str(phantom_root),
-           "--storage-path", str(storage), "--set", f"data.cache_dir={storage / 'cache'}", "--num-samples", "1",
+           "--storage-path", str(storage), "--set", f"data.cache_dir={storage / 'cache'}",
+           # epochs long enough that the kill lands inside epoch 1, not after it (a smoke epoch is ~2 s)
+           "--set", "optim.steps_per_epoch=16", "--num-samples", "1",
            "--workers-per-trial", "2", "--max-concurrent-trials", "1"]
     record["submitted"] = time.time()
     job_log = storage.parent / "job.log"  # the driver's output, streamed by `ray job submit`

@@ -252,7 +252,7 @@ class Trainer:
         if scaled:
             self.scaler.update()  # unscale_ recorded the inf checks; found_inf lowers the scale
         self.optimizer.zero_grad(set_to_none=True)
-        named = [f"loss{'' if k == 'loss' else '_' + k}={float(v):.4g}" for k, v in parts.items()
+        named = [f"loss{'' if k == 'loss' else '_' + k}={float(v.detach()):.4g}" for k, v in parts.items()
                  if not math.isfinite(float(v.detach()))]
         if not math.isfinite(float(norm)):
             named.append(f"gradient norm={float(norm):.4g}")
