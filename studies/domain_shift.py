@@ -300,7 +300,7 @@ def ensure_data(args: argparse.Namespace, plan: Plan) -> Path:
         print(f"[domain-shift] generating the phantom ({len(base)} sites + {len(sweeps)} sweep sites) in {root}",
               flush=True)
         generate_dataset(root, sites=[*base, *sweeps], cases_per_site=4 if args.smoke_test else 5, seed=0,
-                         scale=0.3, workers=max(1, min(4, os.cpu_count() or 1)))
+                         scale=0.3, workers=max(1, min(4, os.cpu_count() or 1)), progress=True)
     return root
 
 

@@ -60,7 +60,7 @@ def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
     if not (root / "dataset.json").is_file():
         print(f"[study] generating the phantom dataset in {root}", flush=True)
         generate_dataset(root, sites=phantom_sites(args), cases_per_site=4 if args.smoke_test else 5,
-                         seed=0, scale=0.3)
+                         seed=0, scale=0.3, progress=True)
     return root
 
 

@@ -223,3 +223,13 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     target.write_text("")
     with pytest.raises(ValueError, match="not a folder"):
         generate_dataset(target, sites=["pv_standard"], cases_per_site=1, scale=0.15)
+
+
+def test_progress_bar_counts_every_case_written(tmp_path, capsys):
+    from dualssl.data.phantom import generate_dataset
+
+    generate_dataset(tmp_path / "quiet", sites=["pv_standard"], cases_per_site=2, seed=0, scale=0.3)
+    assert "phantom" not in capsys.readouterr().err
+    generate_dataset(tmp_path / "bar", sites=["pv_standard"], cases_per_site=2, seed=0, scale=0.3, progress=True)
+    err = capsys.readouterr().err
+    assert "phantom: 100%" in err and "2/2" in err

@@ -74,7 +74,7 @@ def _write_case(job: tuple[SiteProfile, int, int, float, str, str | None]) -> di
 
 def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = None, cases_per_site: int = 4,
                      seed: int = 0, scale: float = 0.5, workers: int = 1,
-                     shape_bank: str | Path | None = None) -> Path:
+                     shape_bank: str | Path | None = None, progress: bool = False) -> Path:
     """Render ``cases_per_site`` cases of each site in ``sites`` (default: all seven) and write them
     under ``out`` in the MSD layout; returns ``out``.
 
@@ -86,6 +86,7 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     0.3 = tests (a few hundred kB). ``workers`` > 1 renders in that many processes.
     ``shape_bank``: a folder of real pancreas masks (``shape_bank.py``); each case's pancreas is one
     of them, deformed and placed in the anatomy. None (default): the procedural pancreas.
+    ``progress``: a tqdm bar of the cases written (on stderr).
     """
     sites = list(SITE_PROFILES) if sites is None else list(sites)
     if not sites:
@@ -113,12 +114,22 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
 
     jobs = [(p, i, case_seed(seed, p.seed_site, i + (SWEEP_PATIENTS if p.sweep else 0)), float(scale), str(out), bank)
             for p in profiles for i in range(cases_per_site)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="phantom", unit="case", disable=not progress)
     if workers == 1:
-        infos = [_write_case(j) for j in jobs]
+        infos = []
+        for j in jobs:
+            infos.append(_write_case(j))
+            bar.update()
     else:
         # spawn: a forked child of a process that holds torch/OpenMP threads can deadlock
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            infos = list(pool.map(_write_case, jobs))
+            infos = []
+            for info in pool.map(_write_case, jobs):
+                infos.append(info)
+                bar.update()
+    bar.close()
 
     training = [{"image": f"./imagesTr/{i['case_id']}.nii.gz", "label": f"./labelsTr/{i['case_id']}.nii.gz",
                  "site": i["site"]} for i in infos]
