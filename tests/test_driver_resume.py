@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_helpers import MARKER, checkpointed_epochs, marked_processes, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -30,24 +31,8 @@ NUM_SAMPLES = 2
 """Trial 1 finishes before the kill, trial 2 is interrupted by it. A third would add a trial the
 restored searcher suggests into the same journal (tests/test_search.py covers a restored searcher
 writing there) at about 1.5 minutes on 2 busy cores."""
-MARKER = "DUALSSL_TEST_PROCESS_MARKER"
 """An environment variable of the driver only; the private head and every Ray process it spawns
 inherit it, so /proc/PID/environ names exactly the processes of this test's study."""
-
-
-def marked_processes(value: str) -> list[int]:
-    """PIDs (not this one) whose environment holds ``MARKER=value``."""
-    needle = f"{MARKER}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            pass
-    return found
 
 
 def kill_marked(value: str) -> None:
@@ -87,15 +72,6 @@ def saved_statuses(study: Path) -> dict[str, str]:
     return out
 
 
-def checkpointed_epochs(train_run: Path) -> list[str]:
-    """Checkpoint folders the Train run's controller registered (its snapshot: what a restart resumes from)."""
-    try:
-        snapshot = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return sorted(r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", []))
-
-
 def journal_reports(journal: Path) -> dict[int, int]:
     """``{Optuna trial id: intermediate values recorded}`` in an Optuna journal file, once no driver
     holds its lock (a driver killed while writing leaves the lock, which Optuna breaks after 30 s)."""
@@ -116,18 +92,6 @@ def journal_reports(journal: Path) -> dict[int, int]:
         elif op.get("op_code") == 7:  # an intermediate value
             counts[op["trial_id"]] = counts.get(op["trial_id"], 0) + 1
     return counts
-
-
-def wait_for(what: str, check, proc: subprocess.Popen, log: Path, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"the study exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(every)
-    pytest.fail(f"no {what} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 def test_resumed_searcher_leaves_alone_a_trial_that_optuna_already_ended(tmp_path):

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_helpers import checkpointed_epochs, marked_processes, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,21 +53,6 @@ def _node_ports() -> list[str]:
     return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
             "--node-manager-port=0", "--object-manager-port=0", "--min-worker-port=0", "--max-worker-port=0"]
-
-
-def _marked(marker: str) -> list[int]:
-    """PIDs whose environment holds ``DUALSSL_TEST_PROCESS_MARKER=marker``: every process of this
-    module's cluster (the nodes' ``ray start`` got it, and everything they spawn inherits it)."""
-    needle = f"DUALSSL_TEST_PROCESS_MARKER={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def _describe(pid: int) -> str:
@@ -166,34 +152,13 @@ def two_nodes(tmp_path_factory):
     finally:
         for proc in reversed(started):
             _stop_group(proc)
-        for pid in _marked(f"{marker}-head") + _marked(f"{marker}-worker"):  # left its group (none expected)
+        for pid in marked_processes(f"{marker}-head") + marked_processes(f"{marker}-worker"):  # left its group (none expected)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
-
-
-def _checkpoints(train_run: Path) -> list[str]:
-    """Checkpoints the Train run's controller registered (its snapshot: what a restart resumes from)."""
-    try:
-        snapshot = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return sorted(r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", []))
-
-
-def _poll(what: str, check, job: subprocess.Popen, log: Path, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if job.poll() is not None:
-            pytest.fail(f"the study job ended ({job.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(every)
-    pytest.fail(f"no {what} within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +190,7 @@ def lost_node_study(two_nodes, phantom_root, tmp_path_factory):
         job = subprocess.Popen(cmd, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         # 1. Where the trial's workers run (state API), then the other job ends: the head has 2 CPUs.
-        record["first_group"] = _poll("two running Train workers",
+        record["first_group"] = wait_for("two running Train workers",
                                       lambda: (lambda w: w if len(w) == 2 else None)(cluster.workers("state=ALIVE")),
                                       job, job_log, timeout=420, every=1.0)
         # (in the background: the first epoch checkpoint may come before the CLI returns)
@@ -234,9 +199,9 @@ def lost_node_study(two_nodes, phantom_root, tmp_path_factory):
 
         # 2. The first epoch checkpoint is registered: lose the worker node (its whole process group).
         runs = storage / "dualssl-smoke" / "train_runs"
-        run = _poll("an epoch checkpoint", lambda: next((r for r in runs.glob("train_*") if _checkpoints(r)), None),
-                    job, job_log, timeout=300)
-        record["before_kill"] = _checkpoints(run)
+        run = wait_for("an epoch checkpoint", lambda: next((r for r in runs.glob("train_*") if checkpointed_epochs(r)), None),
+                    job, job_log, timeout=300, every=0.2)
+        record["before_kill"] = checkpointed_epochs(run)
         assert record["before_kill"] == ["epoch_0000"], f"trained past epoch 0 before the kill: {record['before_kill']}"
         record["kill"] = time.time()
         os.killpg(worker_node.pid, signal.SIGKILL)
@@ -244,14 +209,15 @@ def lost_node_study(two_nodes, phantom_root, tmp_path_factory):
 
         # 3. The next epoch registered after the kill: the worker group was restarted and trained on.
         last = max(record["before_kill"])
-        _poll("an epoch after the kill", lambda: any(c > last for c in _checkpoints(run)), job, job_log, timeout=420)
+        wait_for("an epoch after the kill", lambda: any(c > last for c in checkpointed_epochs(run)), job, job_log, timeout=420,
+                 every=0.2)
         record["next_epoch"] = time.time()
-        record["after_kill"] = _checkpoints(run)
+        record["after_kill"] = checkpointed_epochs(run)
         # A lost machine keeps nothing running: no process of the worker node is left by now.
         deadline = time.monotonic() + 15
-        while _marked(f"{cluster.marker}-worker") and time.monotonic() < deadline:
+        while marked_processes(f"{cluster.marker}-worker") and time.monotonic() < deadline:
             time.sleep(0.5)
-        record["node_survivors"] = {pid: _describe(pid) for pid in _marked(f"{cluster.marker}-worker")}
+        record["node_survivors"] = {pid: _describe(pid) for pid in marked_processes(f"{cluster.marker}-worker")}
         released = release.communicate(timeout=120)[0]
         assert release.returncode == 0, released[-2000:]
         job.wait(timeout=600)
