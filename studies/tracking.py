@@ -1,9 +1,10 @@
 """MLflow for the study: one parent run, one nested run per trial, all written by the driver.
 
 Logging from the Train workers (``setup_mlflow``) would open a new run each time a worker group
-restarts; here every MLflow call happens on the driver side: :class:`TrialRuns` (a Tune
-``MLflowLoggerCallback``) opens each trial's run under the parent (tag ``mlflow.parentRunId``),
-named by the trial id, logs its config as parameters and every result as metrics; the study's
+restarts; here every MLflow call happens on the driver side: :class:`TrialRuns` (a Tune logger
+callback) opens each trial's run under the parent (tag ``mlflow.parentRunId``), named by the trial
+id, logs its config as parameters and every result as metrics, and keeps the writes that a tracking
+server which does not answer could not take (studies/pending_writes.py); the study's
 end fills in what only the driver knows (cross-site numbers of stopped trials, artifacts, the
 parent's summary and the exported model).
 
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import math
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.logger import LoggerCallback
 
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
@@ -149,54 +151,123 @@ def describe_study(tracking_uri: str, parent: str, manifest: dict[str, Any], ash
     mlflow.MlflowClient(tracking_uri).set_tag(parent, NOTE_TAG, text)
 
 
-class TrialRuns(MLflowLoggerCallback):
-    """``MLflowLoggerCallback`` with one run per trial id under the study's parent run.
+class TrialRuns(LoggerCallback):
+    """A Tune logger callback with one MLflow run per trial id under the study's parent run.
 
-    Adds the trial's own tags (trial id, config hash), reuses a trial's run when the study resumes,
-    logs in batches and keeps the step = epoch (``timesteps_total`` in the results).
+    The run carries the study's tags and the trial's own (trial id, config hash, cell), its config as
+    parameters, its dataset as an input, and every result as metrics with step = epoch
+    (``timesteps_total``). A resumed study reuses each trial's run. Every write goes through
+    :class:`~studies.pending_writes.PendingWrites`: while the tracking server does not answer, the
+    trials go on and their writes wait (in ``journal`` when given) and are logged when it answers;
+    the study's end waits up to ``drain_s`` for it.
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict[str, str]):
-        super().__init__(tracking_uri, experiment_name=experiment_name,
-                         tags={**tags, PARENT_TAG: parent_run_id})
-        self.parent_run_id = parent_run_id
+    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict[str, str],
+                 journal: Path | None = None, retry_s: float = 30.0, drain_s: float = 300.0):
+        self.tracking_uri, self.experiment_name, self.parent_run_id = tracking_uri, experiment_name, parent_run_id
+        self.tags = {**tags, PARENT_TAG: parent_run_id}
+        self.journal, self.retry_s, self.drain_s = journal, retry_s, drain_s
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._datasets: dict[tuple, Any] = {}
+        self._client = None
+        self.pending = None
 
+    def setup(self, *args, **kwargs) -> None:
+        """At the experiment's start, fresh or restored (Tune pickles its callbacks with the Tuner, so
+        the journal of a killed driver is read here, not in ``__init__``)."""
+        from studies.pending_writes import PendingWrites
+
+        self.pending = PendingWrites(self._apply, self.journal, self.retry_s, where=f"MLflow at {self.tracking_uri}")
+        self.pending.flush()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "pending": None, "_runs": {}}
+
+    # -- Tune's hooks: each becomes one write ----------------------------------------------------
     def log_trial_start(self, trial) -> None:
         from studies.trainable import cell_tags, split_config
 
-        client = self.mlflow_util._get_client()
-        if trial not in self._trial_runs:
-            existing = trial_runs(self.tracking_uri, self.parent_run_id).get(trial.trial_id)
-            if existing is None:
-                cfg, settings = split_config(trial.config)
-                # The trial's own seed, source site, selection and (grid cells) arm and cell label
-                # replace the study's tags of the same name.
-                tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id,
-                        "config_hash": cfg.hash(), **cell_tags(cfg, settings)}
-                existing = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
-            self._trial_runs[trial] = existing
-        log_params(client, self._trial_runs[trial], dict(trial.config))
-        self._log_dataset(client, self._trial_runs[trial], trial.config)
-
-    def _log_dataset(self, client, run_id: str, config: dict) -> None:
-        from studies.trainable import split_config
-
-        cfg, _ = split_config(config)
-        cache = getattr(self, "_datasets", None) or {}
-        key = cfg.data.root, cfg.hash()
-        if key not in cache:
-            try:
-                cache[key] = dataset_input(cfg)
-            except (OSError, ValueError) as exc:  # ConfigError is a ValueError: a root the driver cannot read
-                cache[key] = None
-                print(f"[study] no MLflow dataset input for {cfg.data.root}: {exc}", flush=True)
-        self._datasets = cache
-        if cache[key] is not None:
-            client.log_inputs(run_id, datasets=[cache[key]])
+        cfg, settings = split_config(trial.config)
+        # The trial's own seed, source site, selection and (grid cells) arm and cell label replace the
+        # study's tags of the same name.
+        tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id, "config_hash": cfg.hash(),
+                **cell_tags(cfg, settings)}
+        self.pending.submit({"kind": "start", "trial_id": trial.trial_id, "run_name": str(trial), "tags": tags,
+                             "params": {k: str(v)[:6000] for k, v in trial.config.items()},
+                             "dataset": self._dataset(cfg)})
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         step = int(result.get("timesteps_total") or result.get("training_iteration") or iteration)
-        log_metrics(self.mlflow_util._get_client(), self._trial_runs[trial], _flatten(result), step)
+        metrics = {k: float(v) for k, v in _flatten(result).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("config/")}
+        self.pending.submit({"kind": "metrics", "trial_id": trial.trial_id, "step": step, "metrics": metrics,
+                             "time_ms": int(time.time() * 1000)})
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        self.pending.submit({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED" if failed else "FINISHED"})
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.pending.drain(self.drain_s)
+
+    # -- performing a write ----------------------------------------------------------------------
+    @property
+    def client(self):
+        import mlflow
+
+        if self._client is None:
+            self._client = mlflow.MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._run_id(op)
+        if op["kind"] == "start":
+            log_params(self.client, run_id, op["params"])
+            if op.get("dataset"):
+                self.client.log_inputs(run_id, datasets=[_dataset_from_dict(op["dataset"])])
+        elif op["kind"] == "metrics":
+            items = [Metric(k, v, op["time_ms"], op["step"]) for k, v in op["metrics"].items()]
+            for chunk in _chunks(items, 500):
+                self.client.log_batch(run_id, metrics=chunk)
+        elif op["kind"] == "end":
+            self.client.set_terminated(run_id, op["status"])
+
+    def _run_id(self, op: dict[str, Any]) -> str:
+        """The trial's run: known, found under the parent (a resumed study), or created by its start."""
+        from mlflow.exceptions import MlflowException
+
+        trial_id = op["trial_id"]
+        if trial_id not in self._runs:
+            found = trial_runs(self.tracking_uri, self.parent_run_id).get(trial_id)
+            if found is None and op["kind"] == "start":
+                experiment = self.client.get_run(self.parent_run_id).info.experiment_id
+                found = self.client.create_run(experiment, run_name=op["run_name"], tags=op["tags"]).info.run_id
+            if found is None:
+                raise MlflowException(f"no MLflow run of trial {trial_id} under {self.parent_run_id}",
+                                      error_code="RESOURCE_DOES_NOT_EXIST")
+            self._runs[trial_id] = found
+        return self._runs[trial_id]
+
+    def _dataset(self, cfg) -> dict[str, Any] | None:
+        """The trial's dataset input as a dict (one per data root and config), or None when the driver
+        cannot read the root."""
+        key = cfg.data.root, cfg.hash()
+        if key not in self._datasets:
+            try:
+                d = dataset_input(cfg).dataset
+                self._datasets[key] = {"name": d.name, "digest": d.digest, "source_type": d.source_type,
+                                       "source": d.source, "profile": d.profile}
+            except (OSError, ValueError) as exc:  # ConfigError is a ValueError: a root the driver cannot read
+                self._datasets[key] = None
+                print(f"[study] no MLflow dataset input for {cfg.data.root}: {exc}", flush=True)
+        return self._datasets[key]
+
+
+def _dataset_from_dict(d: dict[str, Any]):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset(**d), tags=[InputTag("mlflow.data.context", "training")])
 
 
 def result_loggers() -> list:

@@ -210,6 +210,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     from studies import trainable as trainable_mod
     from studies.finish import finish_study, write_manifest
     from studies.objectives import searcher_metrics
+    from studies.pending_writes import JOURNAL_NAME, client_defaults
     from studies.tracking import TrialRuns, describe_study, git_revision, result_loggers, start_parent_run
 
     started = time.time()
@@ -251,13 +252,15 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     settings = trainable_mod.TrialSettings(
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{storage}/{experiment}/train_runs",
-        selection=args.selection, max_failures=args.max_failures, fail_at_epoch=args.fail_at_epoch)
+        selection=args.selection, max_failures=args.max_failures, fail_at_epoch=args.fail_at_epoch,
+        fail_scope=args.fail_scope)
     print(f"[study] {experiment}: {num_samples} trials ({num_samples - earlier} new; optimising "
           f"{', '.join(plan.objectives)}), {resources.max_concurrent_trials} at a time, "
           f"{resources.workers_per_trial} workers x {resources.worker_bundle()} each; "
           f"{cfg.optim.epochs} epochs; storage {storage}", flush=True)
 
     # 4. MLflow: one parent run per study (reopened on --resume); trial runs nest under it.
+    client_defaults()
     manifest_path = study_dir / "study.json"
     previous = (json.loads(manifest_path.read_text()) if (args.resume or continued) and manifest_path.is_file()
                 else {})
@@ -308,7 +311,8 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
             run_config=tune.RunConfig(
                 name=experiment, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
-                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags), *result_loggers()], **run_config,
+                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags, journal=study_dir / JOURNAL_NAME),
+                           *result_loggers()], **run_config,
             ),
         )
     grid = tuner.fit()

@@ -136,40 +136,72 @@ def tracking_postgres():
         shutil.rmtree(home, ignore_errors=True)
 
 
+class MlflowServer:
+    """One ``mlflow server`` process (cluster/mlflow/serve.sh) on PostgreSQL, artifacts under ``root``,
+    on a fixed loopback port: ``start()`` and ``stop()`` may be repeated (a server restart)."""
+
+    def __init__(self, postgres: dict, root: Path, port: int | None = None, workers: int = 2):
+        self.root, self.port = root, port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+                    "MLFLOW_DB_HOST": postgres["host"], "MLFLOW_DB_PORT": str(postgres["port"]),
+                    "MLFLOW_DB_PASSWORD_FILE": postgres["password_file"], "MLFLOW_ARTIFACTS": str(root / "artifacts"),
+                    "MLFLOW_PORT": str(self.port), "MLFLOW_WORKERS": str(workers)}
+        self.log = root / "server.log"
+        self.proc = None
+
+    def start(self, timeout: float = 180) -> str:
+        import subprocess
+        import urllib.request
+
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(["bash", str(SERVE_SCRIPT)], env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as r:
+                return r.status == 200
+
+        _wait_for(healthy, f"mlflow server at {self.uri}", timeout, self.log)
+        return self.uri
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own session (it and its workers), SIGKILL after 30 s."""
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tracking_postgres, tmp_path_factory) -> str:
     """``mlflow server`` on PostgreSQL, artifacts in a shared temp folder, on 127.0.0.1: its URI.
 
     Flags and environment come from cluster/mlflow/serve.sh, the recipe the cluster configs run
     (the password travels as a file, never as an argument)."""
-    import signal
-    import subprocess
-    import urllib.request
-
-    port = _free_port()
-    root = tmp_path_factory.mktemp("mlflow-server")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-           "MLFLOW_DB_HOST": tracking_postgres["host"], "MLFLOW_DB_PORT": str(tracking_postgres["port"]),
-           "MLFLOW_DB_PASSWORD_FILE": tracking_postgres["password_file"], "MLFLOW_ARTIFACTS": str(root / "artifacts"),
-           "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2"}
-    log = root / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(SERVE_SCRIPT)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tracking_postgres, tmp_path_factory.mktemp("mlflow-server"))
     try:
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
-                return r.status == 200
-
-        _wait_for(healthy, f"mlflow server at {uri}", 180, log)
-        yield uri
+        yield server.start()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: it and its workers
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def study_tracking(request) -> dict | None:
+    """Where the shared smoke study logs (tests/test_study.py): ``{"uri": the mlflow_server,
+    "postgres": tracking_postgres}``, or None (the study's sqlite default) where PostgreSQL is
+    missing outside CI. Under CI a missing PostgreSQL fails here (see ``_missing``)."""
+    try:
+        return {"uri": request.getfixturevalue("mlflow_server"), "postgres": request.getfixturevalue("tracking_postgres")}
+    except pytest.skip.Exception:
+        return None

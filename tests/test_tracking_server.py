@@ -1,62 +1,70 @@
-"""A real tracking server (PostgreSQL + `mlflow server` from cluster/mlflow/serve.sh): a parent run with
-nested runs, metrics and artifacts logged over HTTP by several processes at once, then read back."""
+"""A real tracking server (PostgreSQL + `mlflow server` from cluster/mlflow/serve.sh) that stops while a
+trial reports: the driver's writes wait and are logged once it answers. (The shared smoke study in
+tests/test_study.py logs 12 trials, 3 at a time, to the session's server and checks every row.)"""
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
-
-N_RUNS, AT_ONCE, STEPS = 12, 3, 10
-EXPERIMENT = "concurrent-writers"
-
-
-def _log_trial(uri: str, experiment_id: str, parent_id: str, index: int) -> str:
-    """One nested run (what a study's trial leaves): params, STEPS metric rows, one artifact."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{index:02d}", parent_run_id=parent_id) as run:
-        mlflow.log_param("index", index)
-        for step in range(STEPS):
-            mlflow.log_metric("val_dice", index + step / 100, step=step)
-        mlflow.log_text(f"trial {index}\n", "notes/trial.txt")
-        return run.info.run_id
 
 
 @pytest.mark.slow
-def test_concurrent_nested_runs_over_http_are_all_stored_once(mlflow_server, tracking_postgres, tmp_path):
+def test_results_wait_while_the_server_is_down_and_are_logged_when_it_answers(tracking_postgres, phantom_root, tmp_path,
+                                                                            monkeypatch, capsys):
+    """The driver's trial logger with a real server stopped mid-trial: no write raises, the results wait
+    in the journal, and a second driver (a --resume after the first was killed) logs them in order."""
+    import json
+
     import mlflow
+    from conftest import MlflowServer
+    from ray.tune.experiment import Trial
 
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    experiment_id = client.create_experiment(EXPERIMENT)
-    parent = client.create_run(experiment_id, run_name="study")
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: nothing shared but the server
-    with ProcessPoolExecutor(max_workers=AT_ONCE, mp_context=ctx) as pool:
-        futures = [pool.submit(_log_trial, mlflow_server, experiment_id, parent.info.run_id, i) for i in range(N_RUNS)]
-        run_ids = [f.result(timeout=300) for f in futures]  # a "database is locked" would raise here
-    client.set_terminated(parent.info.run_id)
+    from dualssl.recipes import recipe_config
+    from studies.pending_writes import JOURNAL_NAME
+    from studies.tracking import TrialRuns, start_parent_run
+    from studies.trainable import TrialSettings, study_config
 
-    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  max_results=100)
-    assert sorted(r.info.run_id for r in children) == sorted(run_ids) and len(set(run_ids)) == N_RUNS
-    assert sorted(r.info.run_name for r in children) == [f"trial-{i:02d}" for i in range(N_RUNS)]
-    for run in children:
-        index = int(run.data.params["index"])
-        history = client.get_metric_history(run.info.run_id, "val_dice")
-        assert sorted((m.step, m.value) for m in history) == [(s, index + s / 100) for s in range(STEPS)]
-        assert run.info.status == "FINISHED"
-        local = client.download_artifacts(run.info.run_id, "notes/trial.txt", str(tmp_path / run.info.run_id))
-        assert open(local).read() == f"trial {index}\n"
-    assert [e.name for e in client.search_experiments() if e.name == EXPERIMENT] == [EXPERIMENT]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; what client_defaults() shortens
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tracking_postgres, tmp_path / "server")
+    uri = server.start()
+    try:
+        parent = start_parent_run(uri, "outage", "study-outage", {"role": "study"}, {})
+        journal = tmp_path / JOURNAL_NAME
+        cfg = recipe_config("smoke")
+        cfg.data.root = str(phantom_root)
+        trial = Trial("__fake", config=study_config(cfg, TrialSettings(), {}), trial_id="t0", stub=True)
 
-    # read the database itself, not through MLflow: the rows are in PostgreSQL, each once
-    with tracking_postgres["connect"]() as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*), count(DISTINCT run_uuid) FROM runs WHERE experiment_id = %s",
-                    (int(experiment_id),))
-        assert cur.fetchone() == (N_RUNS + 1, N_RUNS + 1)
-        cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = ANY(%s) AND key = 'val_dice'", (run_ids,))
-        assert cur.fetchone() == (N_RUNS * STEPS,)
-        cur.execute("SELECT count(*) FROM experiments WHERE name = %s", (EXPERIMENT,))
-        assert cur.fetchone() == (1,)
+        def result(epoch: int) -> dict:
+            return {"timesteps_total": epoch, "val_dice": epoch / 10, "time": {"train_s": float(epoch)}}
+
+        first = TrialRuns(uri, "outage", parent, {"seed": "0"}, journal=journal, retry_s=3600)
+        first.setup()
+        first.log_trial_start(trial)
+        for epoch in (1, 2):
+            first.log_trial_result(epoch, trial, result(epoch))
+        assert not journal.exists()
+        server.stop()
+        for epoch in (3, 4, 5):  # the first fails and opens the outage; the next two only queue
+            first.log_trial_result(epoch, trial, result(epoch))
+        waiting = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert [(w["kind"], w["step"]) for w in waiting] == [("metrics", 3), ("metrics", 4), ("metrics", 5)]
+        assert "does not answer" in capsys.readouterr().out
+        # the first driver is killed here; the next one finds the journal and logs it first
+        server.start()
+        second = TrialRuns(uri, "outage", parent, {"seed": "0"}, journal=journal, retry_s=3600)
+        second.setup()
+        assert not journal.exists() and len(second.pending) == 0
+        second.log_trial_start(trial)  # the resumed trial: its run is found, not created again
+        second.log_trial_result(6, trial, result(6))
+        second.log_trial_end(trial)
+        second.on_experiment_end([])
+
+        client = mlflow.MlflowClient(uri)
+        [run] = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert run.info.status == "FINISHED" and run.data.tags["trial_id"] == "t0"
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_dice")) == [
+            (e, e / 10) for e in range(1, 7)]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "time/train_s")] == list(range(1, 7))
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == [phantom_root.name]
+    finally:
+        server.stop()
