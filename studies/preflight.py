@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's per-worker logs and Train's per-report lines on the terminal")
     p.add_argument("--fail-at-epoch", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fault injection
+    # tests: "trial" kills a worker of every trial once, "study" of the first trial to get there only
+    p.add_argument("--fail-scope", choices=("trial", "study"), default="trial", help=argparse.SUPPRESS)
     return p
 
 

@@ -27,7 +27,6 @@ import ray.train.torch
 import torch
 
 from dualssl.config import Config
-from dualssl.data.loaders import shard_loader
 from dualssl.engine import Callback, Trainer, fit, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -54,6 +53,8 @@ class RayTrainer(Trainer):
         # device-moving wrapper would hide the sampler and dataset the engine reseeds every epoch.
         if self.world_size == 1:
             return loader
+        from dualssl.data.loaders import shard_loader  # MONAI: imported where data is loaded (dualssl.evaluation)
+
         return shard_loader(loader, self.rank, self.world_size, self.cfg.optim.seed)
 
 
@@ -120,7 +121,12 @@ class RayReport(Callback):
         # worker lost between checkpoints, not a report lost in flight.
         ray.train.get_all_reported_checkpoints()
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"killed after epoch {epoch}\n")
+        try:  # claimed atomically: a marker shared by the trials of a study kills one worker only
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, f"killed after epoch {epoch}: {ray.train.get_context().get_experiment_name()}\n".encode())
+        os.close(fd)
         os._exit(1)  # a hard death, as a preempted node or OOM-killed process would die
 
 

@@ -51,7 +51,9 @@ class TrialSettings:
     max_failures: int = 2
     keep_checkpoints: int = 2
     fail_at_epoch: int = -1
-    """Tests only: kill the last worker once after this epoch (-1: never)."""
+    """Tests only: kill the last worker once after this epoch (-1: never) ..."""
+    fail_scope: str = "trial"
+    """... in every trial ("trial") or in the first trial to finish that epoch ("study")."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted config keys applied AFTER the flat keys (searched or constant), e.g. one cell of a
     ``tune.grid_search([{...}, ...])``; it may also hold ``study.arm`` / ``study.cell`` labels."""
@@ -190,7 +192,8 @@ def train_func(config: dict[str, Any]) -> None:
         train_loop_config={
             "cfg": cfg.to_dict(), "threads": max(1, int(settings.cpus_per_worker)),
             "fail_at_epoch": settings.fail_at_epoch if settings.fail_at_epoch >= 0 else None,
-            "fail_marker": f"{settings.train_storage}/train_{trial_id}/.fault_injected"
+            "fail_marker": (f"{settings.train_storage}/.fault_injected" if settings.fail_scope == "study"
+                            else f"{settings.train_storage}/train_{trial_id}/.fault_injected")
             if settings.fail_at_epoch >= 0 else None,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

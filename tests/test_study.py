@@ -1,6 +1,8 @@
-"""The Ray study: search space, resource checks, and (slow) real studies on a loopback Ray head
-with a real MLflow sqlite store: smoke study with an injected worker failure, cross-site metrics
-in one MLflow run per trial, the exported model reproducing the reported validation Dice.
+"""The Ray study: search space, resource checks, and (slow) one real study on a loopback Ray head
+that the slow tests share: 12 trials 3 at a time, two objectives, an injected worker failure in
+every trial, logged to a real ``mlflow server`` on PostgreSQL; cross-site metrics in one MLflow run
+per trial, one metric row per reported epoch, a non-dominated Pareto front, parameter importance,
+the exported model reproducing the reported validation Dice.
 ``ray job submit`` of the smoke study runs on a two-node cluster in tests/test_multinode.py, and a
 killed and resumed driver in tests/test_driver_resume.py.
 
@@ -160,36 +162,52 @@ def _study_args(root: Path, storage: Path, *extra: str) -> list[str]:
             "--set", f"data.cache_dir={storage / 'cache'}", *extra]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
+NUM_SAMPLES, AT_ONCE = 12, 3
+STUDY_FLAGS = ("--num-samples", str(NUM_SAMPLES), "--max-concurrent-trials", str(AT_ONCE), "--workers-per-trial", "1",
+               "--cpus-per-worker", "0.5", "--objectives", "val_dice,val_stability",
+               # 2 of the 5 source cases validate: val_stability is a std over them
+               "--set", "data.val_fraction=0.4", "--fail-at-epoch", "0", "--fail-scope", "study")
+"""The study every slow test of this module reads: 12 trials, 3 at a time (1 worker of half a CPU each
+on the 2-CPU head), two objectives, the worker of the first trial to finish epoch 0 killed, logged over HTTP
+to the PostgreSQL-backed ``mlflow server`` (the sqlite default where PostgreSQL is absent outside CI)."""
+
+
+@pytest.fixture(scope="module")
+def smoke_study(ray_head, phantom_root, study_tracking, tmp_path_factory):
+    """The study above, run once with ``python studies/tune.py``; yields what the tests read."""
     import mlflow
 
-    from studies.export_best import validation_dice
-
-    address, _, env = ray_head
-    storage = tmp_path / "studies"
-    done = _tune(env, *_study_args(phantom_root, storage, "--address", address, "--num-samples", "2",
-                                   "--fail-at-epoch", "0"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout and "Exported model:" in done.stdout
+    address, dashboard, env = ray_head
+    storage = tmp_path_factory.mktemp("smoke-study") / "studies"
+    tracking = ["--mlflow-tracking-uri", study_tracking["uri"]] if study_tracking else []
+    started = time.time()
+    done = _tune(env, *_study_args(phantom_root, storage, "--address", address, *STUDY_FLAGS, *tracking), timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     study = storage / "dualssl-smoke"
-    rows = json.loads((study / "trials.json").read_text())
-    summary = json.loads((study / "export.json").read_text())
-    assert len(rows) == 2
-    # The winner: the completed trial with the highest objective, which for source-val selection is
-    # its best source-validation Dice.
-    completed = [r for r in rows if r["status"] == "completed"]
-    assert completed and summary["best_trial_id"] == max(completed, key=lambda r: r["objective"])["trial_id"]
-    for r in completed:
-        assert r["objective"] == r["metrics"]["best_val_dice"] and 0.0 <= r["objective"] <= 1.0
-
-    # MLflow: one parent, exactly one child run per trial despite the worker restart.
     manifest = json.loads((study / "study.json").read_text())
     client = mlflow.MlflowClient(manifest["tracking_uri"])
     parent = client.get_run(manifest["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  max_results=1000)
+    print(f"\n[smoke study] {NUM_SAMPLES} trials, {AT_ONCE} at a time: {time.time() - started:.0f} s")
+    yield {"done": done, "study": study, "storage": storage, "manifest": manifest, "client": client,
+           "parent": parent, "children": children, "rows": json.loads((study / "trials.json").read_text()),
+           "summary": json.loads((study / "export.json").read_text()), "dashboard": dashboard, "env": env}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1000)
+def test_smoke_study_logs_each_trial_once_with_its_cross_site_numbers(smoke_study, phantom_root):
+    done, study, rows, client = smoke_study["done"], smoke_study["study"], smoke_study["rows"], smoke_study["client"]
+    parent, children, manifest = smoke_study["parent"], smoke_study["children"], smoke_study["manifest"]
+    assert "mlflow ui --backend-store-uri " in done.stdout and "Exported model:" in done.stdout
+    assert len(rows) == NUM_SAMPLES
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert completed and {r["status"] for r in rows} <= {"completed", "stopped early (ASHA)"}
+    for r in completed:
+        assert r["objective"] == r["metrics"]["best_val_dice"] and 0.0 <= r["objective"] <= 1.0
+
+    # MLflow: one parent, exactly one child run per trial despite the worker restarts.
     assert sorted(r.data.tags["trial_id"] for r in children) == sorted(r["trial_id"] for r in rows)
     by_trial = {r["trial_id"]: r for r in rows}
     for run in children:
@@ -206,10 +224,17 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
         assert {"loss.lambda_con", "loss.lambda_rec", "loss.corruption_ratio", "loss.tau"} <= set(run.data.params)
         assert run.data.tags["source_site"] == "pv_standard" and run.data.tags["selection"] == "source-val"
         assert run.data.tags["config_hash"] and "git_revision" in run.data.tags
-        assert run.info.run_name == f"trial_{run.data.tags['trial_id']}"
+        assert run.info.run_name == f"trial_{run.data.tags['trial_id']}" and run.info.status == "FINISHED"
         assert {a.path for a in client.list_artifacts(run.info.run_id, "trial")} >= {
             "trial/per_case.csv", "trial/progress.png", "trial/config.yaml"}
-    assert parent.data.tags["best_trial_id"] == summary["best_trial_id"]
+        # Each trial's run names its dataset.
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert json.loads(dataset.source)["uri"] == str(phantom_root)
+        assert json.loads(dataset.profile)["sites"]["pv_standard"]["train"] >= 1
+    assert parent.data.tags["best_trial_id"] == smoke_study["summary"]["best_trial_id"]
+    assert "trained on source site(s) pv_standard" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["selection"] == "source-val"
+    assert parent.data.tags["selection_metric"].startswith("val_dice (source validation")
     # The study's Optuna journal: one Optuna trial per Tune trial, each ended (never left RUNNING).
     import optuna
 
@@ -219,41 +244,138 @@ def test_smoke_study_with_a_killed_worker(ray_head, phantom_root, tmp_path):
     ot = optuna.load_study(study_name="dualssl-smoke", storage=optuna_storage(manifest["optuna_storage"]))
     assert len(ot.trials) == len(rows) and all(t.state.is_finished() for t in ot.trials)
     assert f"optuna-dashboard {study / 'optuna.journal'}" in done.stdout
-    # Each trial's run names its dataset; the parent says what the study was.
-    for run in children:
-        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
-        assert json.loads(dataset.source)["uri"] == str(phantom_root)
-        assert json.loads(dataset.profile)["sites"]["pv_standard"]["train"] >= 1
-    assert "trained on source site(s) pv_standard" in parent.data.tags["mlflow.note.content"]
-    # The terminal: Tune's table, no per-worker Train lines (they stay in Ray's log files).
-    printed = done.stdout + done.stderr
-    assert "Reporting training result" not in printed and "Checkpoint successfully created" not in printed
-    assert "Trial name" in done.stdout and "val Dice" in done.stdout
-    for noise in ("NaN or Inf found in input tensor", "may be a performance bottleneck",
-                  "Creating initial MLflow database tables", "Add type hints", "Downloading artifacts"):
-        assert noise not in printed, noise
-    assert not list((storage / "dualssl-smoke").rglob("events.out.tfevents*"))  # no TensorBoard logger
     # Where each completed trial's time went, in its run (studies/throughput.py).
     timed = [r.data.metrics for r in children if "time/trial_s" in r.data.metrics]
     assert timed and all(m["time/train_s"] > 0 and m["time/crosssite_s"] > 0 for m in timed)
     for m in timed:
         parts = ("startup", "train", "validation", "checkpoint", "crosssite", "other")
         assert abs(sum(m[f"time/{p}_frac"] for p in parts) - 1.0) < 1e-6
-    assert parent.data.tags["selection"] == "source-val"
-    assert parent.data.tags["selection_metric"].startswith("val_dice (source validation")
 
-    # The killed worker: every trial lost a worker once after epoch 0 and resumed from epoch 1.
-    for row in rows:
-        run_dir = storage / "dualssl-smoke" / "train_runs" / f"train_{row['trial_id']}"
-        assert (run_dir / ".fault_injected").is_file()
-    resumed = [client.get_metric_history(r.info.run_id, "resumed_from_epoch") for r in children]
-    assert any(m.value == 1 for history in resumed for m in history)
-    assert all(max(m.value for m in history) <= 1 for history in resumed)
 
-    # The export reproduces the best trial's reported validation Dice on the same cases.
+@pytest.mark.slow
+def test_smoke_study_prints_only_what_a_user_needs(smoke_study):
+    done, storage = smoke_study["done"], smoke_study["storage"]
+    printed = done.stdout + done.stderr
+    assert "Reporting training result" not in printed and "Checkpoint successfully created" not in printed
+    assert "Trial name" in done.stdout and "val Dice" in done.stdout
+    for noise in ("NaN or Inf found in input tensor", "may be a performance bottleneck",
+                  "Creating initial MLflow database tables", "Add type hints", "Downloading artifacts",
+                  "database is locked"):
+        assert noise not in printed, noise
+    assert not list(storage.rglob("events.out.tfevents*"))  # no TensorBoard logger
+
+
+@pytest.mark.slow
+def test_smoke_study_restarts_killed_workers_and_exports_what_it_reported(smoke_study):
+    from studies.export_best import validation_dice
+
+    rows, client, children, summary = (smoke_study[k] for k in ("rows", "client", "children", "summary"))
+    # One worker was killed after epoch 0: its trial (named in the marker) resumed from epoch 1 in
+    # the same run; every other trial trained start to end.
+    marker = (smoke_study["study"] / "train_runs" / ".fault_injected").read_text()
+    killed = marker.split(": ")[-1].strip().removeprefix("train_")
+    assert killed in {r["trial_id"] for r in rows}, marker
+    status = {r["trial_id"]: r["status"] for r in rows}
+    for run in children:
+        resumed = {m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")}
+        if run.data.tags["trial_id"] != killed:
+            assert resumed == {0.0}, (run.info.run_name, resumed)
+        elif status[killed] == "completed":  # (the first trial at ASHA's rung is never cut there)
+            assert resumed == {0.0, 1.0}, (run.info.run_name, resumed)
+    # The export reproduces the exported trial's reported validation Dice on the same cases.
     best = next(r for r in rows if r["trial_id"] == summary["best_trial_id"])
     assert abs(validation_dice(summary["model_dir"]) - best["metrics"]["best_val_dice"]) < 1e-3
     assert summary["registered_uri"] == "models:/dualssl-pancreas@champion"
+
+
+@pytest.mark.slow
+def test_two_objective_study_logs_a_non_dominated_front_and_importance_of_every_parameter(smoke_study, tmp_path):
+    """The Pareto front in the parent run, recomputed here from each trial's own per-case Dice."""
+    import csv
+    import statistics
+
+    client, parent, rows = smoke_study["client"], smoke_study["parent"], smoke_study["rows"]
+    local = Path(client.download_artifacts(parent.info.run_id, "search", str(tmp_path)))
+    assert {"pareto.json", "pareto.png", "importance.json", "importance.png"} <= {p.name for p in local.iterdir()}
+    front = json.loads((local / "pareto.json").read_text())
+    assert front["objectives"] == {"val_dice": "max", "val_stability": "min"}
+
+    # Both objectives of every completed trial, from its own artifacts: val_dice its best source
+    # validation Dice, val_stability the sample std of its source-validation cases' Dice.
+    values = {}
+    for row in rows:
+        if row["status"] != "completed":
+            continue
+        with open(Path(row["artifacts"]) / "per_case.csv") as fh:
+            source = [float(r["dice"]) for r in csv.DictReader(fh) if r["role"] == "source"]
+        assert len(source) == 2
+        values[row["trial_id"]] = (row["metrics"]["best_val_dice"], statistics.stdev(source))
+    points = {p["trial_id"]: p for p in front["points"]}
+    assert set(points) == set(values)
+    for trial, (dice, stability) in values.items():
+        assert points[trial]["val_dice"] == pytest.approx(dice, abs=1e-9)
+        assert points[trial]["val_stability"] == pytest.approx(stability, abs=1e-9)
+
+    def dominates(a, b):  # higher Dice, lower instability
+        return a[0] >= b[0] and a[1] <= b[1] and a != b
+
+    expected = {t for t, v in values.items() if not any(dominates(w, v) for w in values.values())}
+    assert set(front["front"]) == expected and all(points[t]["on_front"] == (t in expected) for t in points)
+    # The exported point: the best Dice within 0.01 of the front's top, then the lowest instability.
+    top = max(values[t][0] for t in expected)
+    near = [t for t in expected if values[t][0] >= top - 0.01]
+    assert front["chosen"] == min(near, key=lambda t: values[t][1]) == smoke_study["summary"]["best_trial_id"]
+
+    # Importance of every searched parameter for each objective, in the parent run.
+    importance = json.loads((local / "importance.json").read_text())
+    searched = set(smoke_study["manifest"]["searched"])
+    assert set(importance["importances"]) == {"val_dice", "val_stability"}
+    for objective, table in importance["importances"].items():
+        assert set(table) == searched and all(v >= 0 and v == v for v in table.values()), (objective, table)
+
+
+@pytest.mark.slow
+def test_concurrent_trials_leave_one_run_and_one_row_per_epoch_on_the_tracking_server(smoke_study, study_tracking,
+                                                                                        tmp_path):
+    """12 trials, 3 at a time, against the server: every result Tune wrote (its result.json, written
+    by Tune's JSON logger, not by MLflow) is one metric row; the parent holds the full table; no
+    duplicate experiment; no placement group left on the cluster."""
+    client, parent, children, study = (smoke_study[k] for k in ("client", "parent", "children", "study"))
+    spans, expected_rows = [], {}
+    for run in children:
+        trial = run.data.tags["trial_id"]
+        results = [json.loads(line) for line in (study / f"trial_{trial}" / "result.json").read_text().splitlines()]
+        iterations = [r["training_iteration"] for r in results]
+        history = client.get_metric_history(run.info.run_id, "training_iteration")
+        assert sorted(m.value for m in history) == sorted(iterations), trial
+        expected_rows[run.info.run_id] = len(iterations)
+        spans.append((min(r["timestamp"] - r["time_total_s"] for r in results), max(r["timestamp"] for r in results)))
+    # trials ran 3 at a time (never more): the most trial spans that overlap at one start
+    overlap = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
+    assert overlap == AT_ONCE, spans
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials_table.json", str(tmp_path))).read_text())
+    column = table["columns"].index("trial_id")
+    assert sorted(r[column] for r in table["data"]) == sorted(r.data.tags["trial_id"] for r in children)
+
+    done = subprocess.run(["ray", "list", "placement-groups", "--address", smoke_study["dashboard"], "--format", "json",
+                           "--limit", "1000"], env=smoke_study["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    groups = json.loads(done.stdout) if done.stdout.lstrip().startswith("[") else []
+    assert groups and all(g["state"] == "REMOVED" for g in groups), [(g["placement_group_id"], g["state"]) for g in groups]
+
+    if study_tracking is None:
+        pytest.skip("PostgreSQL absent (outside CI): the study logged to its sqlite default")
+    assert smoke_study["manifest"]["tracking_uri"] == study_tracking["uri"]
+    # the rows in PostgreSQL itself, each once
+    with study_tracking["postgres"]["connect"]() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT run_uuid) FROM runs WHERE experiment_id = %s",
+                    (int(parent.info.experiment_id),))
+        assert cur.fetchone() == (NUM_SAMPLES + 1, NUM_SAMPLES + 1)
+        cur.execute("SELECT run_uuid, count(*) FROM metrics WHERE key = 'training_iteration' AND run_uuid = ANY(%s) "
+                    "GROUP BY run_uuid", (list(expected_rows),))
+        assert dict(cur.fetchall()) == expected_rows
+        cur.execute("SELECT count(*) FROM experiments WHERE name = 'dualssl-smoke'")
+        assert cur.fetchone() == (1,)
 
 
 @pytest.mark.slow
