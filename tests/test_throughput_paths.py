@@ -1,12 +1,19 @@
-"""Fast paths of whole-volume inference give the very answers of the plain ones."""
+"""Fast paths of whole-volume inference give the very answers of the plain ones; the trial side of a
+study starts without importing MONAI."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from dualssl.config import Config
 from dualssl.evaluation.inference import Predictor, argmax_channels
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
@@ -67,3 +74,22 @@ def test_window_batch_size_does_not_change_the_prediction():
         cfg.eval.sw_batch_size = sw_batch
         probs[sw_batch] = Predictor(net, cfg, device="cpu").predict_probs(image)
     assert torch.allclose(probs[1], probs[4], atol=1e-5)
+
+
+def test_the_trial_side_of_a_study_imports_no_monai():
+    """A Tune trial actor and a Train controller unpickle the study's functions, importing
+    studies.trainable / studies.train_loop; MONAI's import (every submodule, ~8 s of CPU here) must
+    wait for the processes that load data or measure cases."""
+    code = ("import sys; import studies.trainable, studies.train_loop, studies.crosssite, dualssl.evaluation.metrics; "
+            "print(sorted(m for m in sys.modules if m == 'monai' or m.startswith('monai.'))[:5])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
+    # and the metrics still work where they are used
+    import numpy as np
+
+    from dualssl.evaluation import case_metrics
+
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:6, 2:6, 2:6] = True
+    assert case_metrics(mask, mask, (1.0, 1.0, 1.0))["dice"] == 1.0

@@ -28,13 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from monai.metrics import (
-    compute_average_surface_distance,
-    compute_dice,
-    compute_hausdorff_distance,
-    compute_iou,
-    compute_surface_dice,
-)
 
 METRICS: tuple[str, ...] = ("dice", "jaccard", "nsd", "hd95", "asd")
 """Per-case metric names: the columns of ``per_case.csv`` and the stems of the per-site ``<name>_mean``."""
@@ -117,6 +110,10 @@ def case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
         return {"dice": 1.0, "jaccard": 1.0, "nsd": 1.0, "hd95": 0.0, "asd": 0.0}
     if not has_p or not has_y:
         return {"dice": 0.0, "jaccard": 0.0, "nsd": 0.0, "hd95": math.nan, "asd": math.nan}
+
+    # MONAI on first use: importing this module (site keys, summaries) must stay cheap (dualssl.evaluation)
+    from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
+                               compute_iou, compute_surface_dice)
 
     p, y = _union_crop(p, y)
     yp = torch.from_numpy(p)[None, None].float()
