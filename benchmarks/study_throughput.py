@@ -3,7 +3,8 @@
 Runs ``studies/tune.py`` (the default study unless tune.py flags follow ``--``) into a fresh
 storage folder, or reads a finished study with ``--study``, and prints, per trial and in all, the
 time in each phase of ``studies/throughput.py`` as a fraction of trial wall time, plus trials per
-hour of study wall time::
+hour of study wall time, and (when it runs the study) the peak memory of the study's whole process
+tree as the sum of PSS (benchmarks/tree_memory.py)::
 
     python benchmarks/study_throughput.py --out /tmp/throughput
     python benchmarks/study_throughput.py --out /tmp/throughput -- --smoke-test
@@ -89,18 +90,26 @@ def main() -> int:
                         help="storage folder of the study this runs")
     parser.add_argument("--study", type=Path, help="read this finished study folder instead of running one")
     args = parser.parse_args(argv)
-    study_dir = args.study
+    study_dir, peak = args.study, {}
     if study_dir is None:
         start = time.perf_counter()
         cmd = [sys.executable, str(ROOT / "studies" / "tune.py"), "--storage-path", str(args.out), *tune_args]
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        print(f"[throughput] study finished in {time.perf_counter() - start:.0f} s", flush=True)
+        from tree_memory import TreeMemory
+
+        proc = subprocess.Popen(cmd, cwd=ROOT)
+        with TreeMemory(proc.pid) as memory:
+            if proc.wait() != 0:
+                raise SystemExit(f"the study failed ({proc.returncode})")
+        print(f"[throughput] study finished in {time.perf_counter() - start:.0f} s; peak memory (sum of PSS of "
+              f"its process tree, sampled every second) {memory.peak_gib:.2f} GiB over {memory.peak_processes} "
+              "processes", flush=True)
+        peak = {"peak_pss_gib": memory.peak_gib, "peak_processes": memory.peak_processes}
         study_dir = max((p.parent for p in args.out.glob("*/study.json")), key=lambda p: p.stat().st_mtime)
     trials, manifest = trial_breakdowns(study_dir)
     print(format_table(trials, manifest))
     (study_dir / "throughput.json").write_text(json.dumps({"trials": trials, "all": study_fractions(trials),
-                                                           "wall_time_s": manifest.get("wall_time_s")}, indent=1))
+                                                           "wall_time_s": manifest.get("wall_time_s"), **peak}, indent=1))
     return 0
 
 
