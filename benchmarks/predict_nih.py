@@ -33,64 +33,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 NIH_SCAN = Path("real") / "nih_pancreas_ct_0001" / "ct.nii.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-# --- memory of a process tree --------------------------------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                out += [int(c) for c in fh.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def tree_pss_kib(pid: int) -> int:
-    """Sum of ``Pss`` (KiB) over ``pid`` and all its descendants (0 for processes gone meanwhile)."""
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-        stack += _children(p)
-    return total
-
-
-class PeakPss:
-    """Samples :func:`tree_pss_kib` of ``pid`` every ``interval`` seconds in a thread; ``peak`` in KiB."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_pss_kib(self.pid))
-            self._stop.wait(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
+from tree_memory import TreeMemory  # noqa: E402  (summed PSS of a process tree)
 
 # --- the two pipelines (run in a child process) -----------------------------------------------------------
 
@@ -234,10 +185,10 @@ def launch(kind: str, model_dir: Path, scan: Path, out: Path, tta: str) -> dict[
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    meter = PeakPss(proc.pid)
-    stdout, stderr = proc.communicate()
+    with TreeMemory(proc.pid, every_s=0.1) as meter:
+        stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
-    peak = meter.stop()
+    peak = meter.peak_bytes / 1024.0
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} (tta {tta}) failed with code {proc.returncode}:\n{stderr[-3000:]}")
     line = next(ln for ln in stdout.splitlines() if ln.startswith("STAGES "))

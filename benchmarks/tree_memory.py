@@ -1,4 +1,4 @@
-"""Peak memory of a process tree as the sum of PSS (proportional set size), sampled in a thread.
+"""Peak memory of a process tree as the sum of PSS (proportional set size), sampled in a thread (also benchmarks/predict_nih.py).
 
 RSS counts a page shared by N processes N times (torch's libraries are mapped into every Ray worker),
 so the sum of RSS over a Ray study overstates what it needs; PSS charges each process 1/N of a shared
@@ -18,25 +18,24 @@ import time
 from pathlib import Path
 
 
-def children_map() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(entry.name))
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (``/proc/PID/task/*/children``; [] for a process gone meanwhile)."""
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
     return out
 
 
 def tree(root: int) -> list[int]:
-    kids, out, todo = children_map(), [], [root]
+    """``root`` and all its descendants."""
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
         out.append(pid)
-        todo.extend(kids.get(pid, []))
+        todo.extend(children(pid))
     return out
 
 

@@ -2,7 +2,9 @@
 
 Starts ``mlflow ui`` on the study's tracking store and Chromium with a debugging port, opens the
 study's experiment, expands the parent run so its nested trial runs show (with their Dataset
-column), then opens the compare view of the trial runs at their per-site metrics and the chart view
+column), then opens the compare view of the trial runs with its parallel-coordinates plot set to the
+searched parameters against source-validation Dice (``objective``) and every unseen site's Dice,
+and the chart view
 (metrics grouped by name prefix: ``site/<site>/...``), and saves one PNG of each::
 
     python docs/mlflow_screenshots.py --study ~/dualssl-studies/dualssl-study --out docs
@@ -96,13 +98,54 @@ EXPAND = """(() => { const row = [...document.querySelectorAll('[role=row], .ag-
   if (btn) { btn.click(); return true; } return false; })()"""
 
 
+FOCUS_SELECT = """(() => { const label = [...document.querySelectorAll('label, div, span')]
+    .find(e => e.children.length === 0 && e.textContent.trim() === %s);
+  if (!label) return false;
+  // the first input after the label in document order: the selector the label names
+  const input = [...document.querySelectorAll('input')]
+    .find(i => label.compareDocumentPosition(i) & Node.DOCUMENT_POSITION_FOLLOWING);
+  if (!input) return false;
+  input.focus(); input.click(); return true; })()"""
+"""Focus the search input of the parallel-coordinates selector labelled ``%s`` ("Metrics:")."""
+
+REMOVE_TAG = """(() => { const want = %s;
+  const tag = [...document.querySelectorAll('span, div')].find(e => e.children.length === 0
+      && e.textContent.trim() === want && e.closest('[class*=select]'));
+  if (!tag) return false;
+  let box = tag.parentElement;
+  for (let i = 0; i < 3 && box; i++, box = box.parentElement) {
+    const x = box.querySelector('[aria-label*=emove], [class*=remove], [class*=close], button, [role=button]');
+    if (x) { x.dispatchEvent(new MouseEvent('mousedown', {bubbles: true})); x.click(); return true; } }
+  return false; })()"""
+"""Remove the chosen option ``%s`` (e.g. MLflow's default ``epoch``) from a multi-select."""
+
+
+async def choose_metrics(page: "Page", metrics: list[str], drop: list[str]) -> None:
+    """Pick ``metrics`` in the compare view's parallel-coordinates plot (type each, Enter) and
+    remove the preselected ``drop``: the plot then shows the searched params against these."""
+    for name in metrics:
+        if not await page.js(FOCUS_SELECT % json.dumps("Metrics:")):
+            print("compare view: no Metrics selector found; keeping MLflow's default metric")
+            return
+        await page.call("Input.insertText", text=name)
+        await asyncio.sleep(1)
+        for kind in ("keyDown", "keyUp"):
+            await page.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        await asyncio.sleep(1)
+    for name in drop:
+        await page.js(REMOVE_TAG % json.dumps(name))
+        await asyncio.sleep(1)
+    await page.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+
+
 SCROLL_TO = """(() => { const want = %s;
   const el = [...document.querySelectorAll('td, th, div, span, a')].find(e => e.children.length === 0
       && e.textContent.trim().startsWith(want));
   if (el) { el.scrollIntoView({block: 'center'}); return true; } return false; })()"""
 
 
-async def capture(ui: str, experiment_id: str, parent_name: str, run_ids: list[str], out: Path) -> None:
+async def capture(ui: str, experiment_id: str, parent_name: str, run_ids: list[str], out: Path,
+                  compare_metrics: list[str] = ()) -> None:
     port = free_port()
     profile = tempfile.mkdtemp(prefix="dualssl-chromium-")
     chrome = subprocess.Popen([shutil.which("chromium") or "chromium", "--headless=new", "--no-sandbox",
@@ -130,8 +173,8 @@ async def capture(ui: str, experiment_id: str, parent_name: str, run_ids: list[s
                 await page.call("Page.navigate", url=f"{ui}/#/compare-runs?runs={runs}&experiments=[\"{experiment_id}\"]")
                 await page.wait_for("document.body.innerText.includes('Parameters')")
                 await asyncio.sleep(3)
-                await page.js(SCROLL_TO % json.dumps("site/"))
-                await asyncio.sleep(1)
+                await choose_metrics(page, list(compare_metrics), drop=["epoch"])
+                await asyncio.sleep(2)
                 await page.shot(out / "mlflow_compare.png")
                 await page.call("Page.navigate", url=f"{ui}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART")
                 await page.wait_for(f"document.body.innerText.includes({json.dumps(parent_name)})")
@@ -162,8 +205,12 @@ def main() -> int:
                           start_new_session=True)  # its uvicorn workers go with it
     try:
         wait_http(f"http://127.0.0.1:{ui_port}/health")
+        # the compare view's plot: searched params against source-val Dice and every unseen site's Dice
+        sites = sorted({k.split("/")[1] for r in children for k in r.data.metrics if k.startswith("site/")}
+                       - set(manifest["source_sites"]))
+        metrics = ["objective", *[f"site/{s}/dice_mean" for s in sites]]
         asyncio.run(capture(f"http://127.0.0.1:{ui_port}", experiment.experiment_id, parent.info.run_name,
-                            [r.info.run_id for r in children], args.out))
+                            [r.info.run_id for r in children], args.out, metrics))
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         try:
