@@ -77,7 +77,9 @@ def test_smoke_study_gives_one_run_per_cell_and_a_report(phantom_root, tmp_path)
     storage = tmp_path / "studies"
     done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
                            "--data", str(phantom_root), "--storage-path", str(storage),
-                           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--n-boot", "500"],
+                           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--n-boot", "500",
+                           # two cells at a time, one worker each: their start-ups overlap on 2 cores
+                           "--max-concurrent-trials", "2", "--workers-per-trial", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=880)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     study = storage / "dualssl-domain-shift-smoke"

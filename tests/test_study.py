@@ -353,6 +353,8 @@ def test_concurrent_trials_leave_one_run_and_one_row_per_epoch_on_the_tracking_s
     # trials ran 3 at a time (never more): the most trial spans that overlap at one start
     overlap = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
     assert overlap == AT_ONCE, spans
+    print(f"\n[concurrency] {len(children)} trial runs for {NUM_SAMPLES} trials, at most {overlap} at once; "
+          f"{sum(expected_rows.values())} results in Tune's result.json files, as many training_iteration rows in MLflow")
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials_table.json", str(tmp_path))).read_text())
     column = table["columns"].index("trial_id")
     assert sorted(r[column] for r in table["data"]) == sorted(r.data.tags["trial_id"] for r in children)
