@@ -8,7 +8,7 @@ steps/s counts the epochs after the first (timestamps at each epoch end, so the 
 holds training, validation, reporting and checkpointing); end-to-end adds start-up (Ray worker
 group, process group, data). Each side runs ``--repeats`` times, interleaved, and its fastest run
 counts (other processes on a shared machine only ever slow a run down). Goal: ratio Ray/engine
->= 0.95 in steady state.
+>= 0.98 in steady state (Ray's own anchor: 0.975).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f = figures[name]
         print(f"{name:>22s} {f['steady_steps_per_s']:15.3f} {f['end_to_end_steps_per_s']:19.3f}")
     print(f"{'ratio Ray / engine':>22s} {figures['ratio_steady']:15.3f} {figures['ratio_end_to_end']:19.3f}"
-          f"   (goal >= 0.95 steady)")
+          f"   (goal >= 0.98 steady)")
     print(f"{'median-run ratio':>22s} {figures['ratio_steady_median']:15.3f}   over {args.repeats} runs a side")
     if args.out:
         args.out.write_text(json.dumps(figures, indent=1))
