@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from dualssl.config import Config, ConfigError  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
-from studies.search_space import DEFAULT_SEARCH_SPACE, load_search_space, read_search_space  # noqa: E402
+from studies.search_space import load_search_space, read_search_space  # noqa: E402
 from studies.trainable import TrialSettings, split_config, study_config  # noqa: E402
 
 UNSEEN = ["cone_beam", "native_thick"]  # conftest TEST_SITES minus the source site
