@@ -312,7 +312,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     from dualssl.stats import read_cases
     from studies import trainable as trainable_mod
     from studies.shift_table import CASE_COLUMNS, collect, write_csv
-    from studies.pending_writes import JOURNAL_NAME, client_defaults
+    from studies.pending_writes import JOURNAL_NAME
     from studies.tracking import TrialRuns, git_revision, result_loggers, start_parent_run
     from studies.tune import cluster_nodes, connect, default_workers
 
@@ -339,7 +339,6 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
           f"{cfg.optim.epochs} epochs; {resources.max_concurrent_trials} at a time", flush=True)
 
     # 4. MLflow parent run (reopened on --resume).
-    client_defaults()
     manifest_path = plan.study_dir / "study.json"
     previous = json.loads(manifest_path.read_text()) if args.resume and manifest_path.is_file() else {}
     tags = {"study": plan.experiment, "role": "domain-shift study", "selection": "source-val",
@@ -369,7 +368,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=plan.experiment, storage_path=plan.storage,
                                       verbose=2 if args.verbose else 1, failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[TrialRuns(tracking_uri, plan.experiment, parent, tags,
+                                      callbacks=[TrialRuns(tracking_uri, parent, tags,
                                                            journal=plan.study_dir / JOURNAL_NAME),
                                                  *result_loggers()]))
     grid = tuner.fit()

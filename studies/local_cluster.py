@@ -100,7 +100,7 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
                 else:
                     os.environ[key] = value
     finally:
-        _stop(head)
+        stop_group(head)
         forget_head(port)
         log.close()
 
@@ -140,15 +140,16 @@ def forget_head(port: int) -> None:
         pass
 
 
-def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM to the head's process group, then SIGKILL to what is left (gcs_server and the
-    dashboard outlive SIGTERM); only processes of the group this module created are signalled."""
+def stop_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """SIGTERM to the process group ``proc`` leads (started with ``start_new_session``), then SIGKILL
+    to what is left (a Ray head's gcs_server and dashboard outlive SIGTERM), each followed by up to
+    ``wait_s`` for ``proc``; only that group is signalled. Also the tests' clusters and servers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(head.pid, sig)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
         try:
-            head.wait(timeout=10)
+            proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             pass

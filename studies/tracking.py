@@ -43,7 +43,7 @@ def dataset_input(cfg) -> Any:
     import hashlib
     import json
 
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.entities import Dataset
 
     from dualssl.data.cache import preprocessing_hash
     from dualssl.data.datalist import load_datalist, split_cases
@@ -61,6 +61,13 @@ def dataset_input(cfg) -> Any:
                       source=json.dumps({"uri": str(cfg.data.root)}),
                       profile=json.dumps({"num_cases": len(cases), "preprocessing_hash": preprocessing_hash(cfg.data),
                                           "sites": profile}))
+    return training_input(dataset)
+
+
+def training_input(dataset) -> Any:
+    """``dataset`` (an ``mlflow.entities.Dataset``) as a run's input in the training context."""
+    from mlflow.entities import DatasetInput, InputTag
+
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -101,24 +108,31 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=chunk)
 
 
-def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
-    """Numbers only (NaN kept, strings and nested config dropped), in batches."""
-    import time
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers only (NaN kept; booleans, strings and the ``config/...`` copies dropped)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("config/")}
 
+
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int = 0, timestamp_ms: int | None = None) -> None:
+    """:func:`numeric_metrics` of ``metrics`` at ``step`` (timestamp: now unless given), in batches."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("config/")]
+    now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+    items = [Metric(k, v, now, int(step)) for k, v in numeric_metrics(metrics).items()]
     for chunk in _chunks(items, 500):
         client.log_batch(run_id, metrics=chunk)
 
 
 def start_parent_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
                      params: dict[str, Any], run_id: str | None = None) -> str:
-    """Create (or reopen, with ``run_id``) the study's parent run; returns its id."""
+    """Create (or reopen, with ``run_id``) the study's parent run; returns its id. The study's first
+    MLflow call: from here on the driver's HTTP retries are short (``pending_writes.client_defaults``)."""
     import mlflow
 
+    from studies.pending_writes import client_defaults
+
+    client_defaults()
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.set_experiment(experiment)
     client = mlflow.MlflowClient(tracking_uri)
@@ -162,9 +176,10 @@ class TrialRuns(LoggerCallback):
     the study's end waits up to ``drain_s`` for it.
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict[str, str],
+    def __init__(self, tracking_uri: str, parent_run_id: str, tags: dict[str, str],
                  journal: Path | None = None, retry_s: float = 30.0, drain_s: float = 300.0):
-        self.tracking_uri, self.experiment_name, self.parent_run_id = tracking_uri, experiment_name, parent_run_id
+        # (the experiment is the parent run's)
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.tags = {**tags, PARENT_TAG: parent_run_id}
         self.journal, self.retry_s, self.drain_s = journal, retry_s, drain_s
         self._runs: dict[str, str] = {}  # trial id -> run id
@@ -198,8 +213,7 @@ class TrialRuns(LoggerCallback):
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         step = int(result.get("timesteps_total") or result.get("training_iteration") or iteration)
-        metrics = {k: float(v) for k, v in _flatten(result).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("config/")}
+        metrics = numeric_metrics(_flatten(result))
         self.pending.submit({"kind": "metrics", "trial_id": trial.trial_id, "step": step, "metrics": metrics,
                              "time_ms": int(time.time() * 1000)})
 
@@ -219,17 +233,15 @@ class TrialRuns(LoggerCallback):
         return self._client
 
     def _apply(self, op: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Dataset
 
         run_id = self._run_id(op)
         if op["kind"] == "start":
             log_params(self.client, run_id, op["params"])
             if op.get("dataset"):
-                self.client.log_inputs(run_id, datasets=[_dataset_from_dict(op["dataset"])])
+                self.client.log_inputs(run_id, datasets=[training_input(Dataset.from_dictionary(op["dataset"]))])
         elif op["kind"] == "metrics":
-            items = [Metric(k, v, op["time_ms"], op["step"]) for k, v in op["metrics"].items()]
-            for chunk in _chunks(items, 500):
-                self.client.log_batch(run_id, metrics=chunk)
+            log_metrics(self.client, run_id, op["metrics"], op["step"], timestamp_ms=op["time_ms"])
         elif op["kind"] == "end":
             self.client.set_terminated(run_id, op["status"])
 
@@ -255,19 +267,11 @@ class TrialRuns(LoggerCallback):
         key = cfg.data.root, cfg.hash()
         if key not in self._datasets:
             try:
-                d = dataset_input(cfg).dataset
-                self._datasets[key] = {"name": d.name, "digest": d.digest, "source_type": d.source_type,
-                                       "source": d.source, "profile": d.profile}
+                self._datasets[key] = dataset_input(cfg).dataset.to_dictionary()
             except (OSError, ValueError) as exc:  # ConfigError is a ValueError: a root the driver cannot read
                 self._datasets[key] = None
                 print(f"[study] no MLflow dataset input for {cfg.data.root}: {exc}", flush=True)
         return self._datasets[key]
-
-
-def _dataset_from_dict(d: dict[str, Any]):
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    return DatasetInput(Dataset(**d), tags=[InputTag("mlflow.data.context", "training")])
 
 
 def result_loggers() -> list:

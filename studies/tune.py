@@ -210,7 +210,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     from studies import trainable as trainable_mod
     from studies.finish import finish_study, write_manifest
     from studies.objectives import searcher_metrics
-    from studies.pending_writes import JOURNAL_NAME, client_defaults
+    from studies.pending_writes import JOURNAL_NAME
     from studies.tracking import TrialRuns, describe_study, git_revision, result_loggers, start_parent_run
 
     started = time.time()
@@ -260,7 +260,6 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
           f"{cfg.optim.epochs} epochs; storage {storage}", flush=True)
 
     # 4. MLflow: one parent run per study (reopened on --resume); trial runs nest under it.
-    client_defaults()
     manifest_path = study_dir / "study.json"
     previous = (json.loads(manifest_path.read_text()) if (args.resume or continued) and manifest_path.is_file()
                 else {})
@@ -311,7 +310,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
             run_config=tune.RunConfig(
                 name=experiment, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
-                callbacks=[TrialRuns(tracking_uri, experiment, parent, tags, journal=study_dir / JOURNAL_NAME),
+                callbacks=[TrialRuns(tracking_uri, parent, tags, journal=study_dir / JOURNAL_NAME),
                            *result_loggers()], **run_config,
             ),
         )

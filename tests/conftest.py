@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `studies` (not an installed package) for the fixtures and every test
 SHARED_DATA = Path(os.environ.get("DUALSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # Small enough for 2 CPU cores, large enough that a narrow net learns the pancreas.
@@ -169,18 +171,11 @@ class MlflowServer:
         return self.uri
 
     def stop(self) -> None:
-        """SIGTERM to the server's own session (it and its workers), SIGKILL after 30 s."""
-        import signal
-        import subprocess
+        """SIGTERM to the server's own session (it and its uvicorn workers), then SIGKILL to what is left."""
+        from studies.local_cluster import stop_group
 
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        if self.proc is not None:
+            stop_group(self.proc, wait_s=30)
 
 
 @pytest.fixture(scope="session")

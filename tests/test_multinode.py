@@ -35,6 +35,8 @@ from cluster_helpers import checkpointed_epochs, marked_processes, wait_for
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from studies.local_cluster import stop_group  # noqa: E402
+
 UNSEEN = ["cone_beam", "native_thick"]  # conftest TEST_SITES minus the source site
 WORKER_NODE_MEMORY = 128 * 1024**2
 """The worker node's ``memory`` resource: below a Tune trial's 256 MiB reservation
@@ -62,19 +64,6 @@ def _describe(pid: int) -> str:
         return f"state {stat[0]} ppid {stat[1]} pgid {stat[2]}: {cmd[:200]}"
     except OSError:
         return "gone"
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group ``proc`` leads (one this module started)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 class Cluster:
@@ -151,7 +140,7 @@ def two_nodes(tmp_path_factory):
         yield cluster, head, worker
     finally:
         for proc in reversed(started):
-            _stop_group(proc)
+            stop_group(proc, wait_s=15)
         for pid in marked_processes(f"{marker}-head") + marked_processes(f"{marker}-worker"):  # left its group (none expected)
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -135,19 +134,11 @@ def ray_head(tmp_path_factory):
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
     finally:
         # The head and everything it spawned share the process group this fixture created.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # gcs_server and the dashboard ignore SIGTERM
-        except ProcessLookupError:
-            pass
+        from studies.local_cluster import forget_head, stop_group
+
+        stop_group(head)
         head.wait(timeout=30)
         log.close()
-        from studies.local_cluster import forget_head
-
         forget_head(port)
 
 

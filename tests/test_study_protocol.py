@@ -121,7 +121,7 @@ def test_trial_runs_tag_the_cell(tmp_path):
     parent = start_parent_run(uri, "cells", "study-cells", {"seed": "2022", "source_site": SOURCE}, {})
     settings = TrialSettings(overrides={"optim.seed": 3, "data.source_sites": ["cone_beam"], "study.arm": "dual"},
                              cell="dual/3/cone_beam")
-    callback = TrialRuns(uri, "cells", parent, {"seed": "2022", "source_site": SOURCE})
+    callback = TrialRuns(uri, parent, {"seed": "2022", "source_site": SOURCE})
     callback.setup()
     trial = Trial("__fake", config=study_config(recipe_config("smoke"), settings, {}), trial_id="abc", stub=True)
     callback.log_trial_start(trial)

@@ -37,7 +37,7 @@ def test_results_wait_while_the_server_is_down_and_are_logged_when_it_answers(tr
         def result(epoch: int) -> dict:
             return {"timesteps_total": epoch, "val_dice": epoch / 10, "time": {"train_s": float(epoch)}}
 
-        first = TrialRuns(uri, "outage", parent, {"seed": "0"}, journal=journal, retry_s=3600)
+        first = TrialRuns(uri, parent, {"seed": "0"}, journal=journal, retry_s=3600)
         first.setup()
         first.log_trial_start(trial)
         for epoch in (1, 2):
@@ -51,7 +51,7 @@ def test_results_wait_while_the_server_is_down_and_are_logged_when_it_answers(tr
         assert "does not answer" in capsys.readouterr().out
         # the first driver is killed here; the next one finds the journal and logs it first
         server.start()
-        second = TrialRuns(uri, "outage", parent, {"seed": "0"}, journal=journal, retry_s=3600)
+        second = TrialRuns(uri, parent, {"seed": "0"}, journal=journal, retry_s=3600)
         second.setup()
         assert not journal.exists() and len(second.pending) == 0
         second.log_trial_start(trial)  # the resumed trial: its run is found, not created again

@@ -32,6 +32,9 @@ import torch
 from dualssl.losses.corruptions import corrupt_batch, corrupt_batch_reference, select_voxels, select_voxels_reference
 from dualssl.losses.uncertainty import uncertainty_region
 
+DRIVERS = {"device": (select_voxels, corrupt_batch), "reference": (select_voxels_reference, corrupt_batch_reference)}
+"""Voxel selection and corruption per loss backend (``dualssl.losses.corruptions``)."""
+
 CHANGE_EPS = 1e-3
 """A voxel counts as corrupted when some channel moved by more than this (images are in [0, 1];
 on the default HU window it is ~0.3 HU)."""
@@ -139,10 +142,9 @@ def corrupt_region(image: torch.Tensor, label: torch.Tensor, spacing: Sequence[f
     else:
         origin = crop_origins(region, size)
         clean, region = take_crops(image, origin, size), take_crops(region, origin, size)
-    if backend not in ("device", "reference"):
-        raise ValueError(f"backend: choose device or reference, got {backend!r}")
-    select, corrupt = (select_voxels, corrupt_batch) if backend == "device" else \
-        (select_voxels_reference, corrupt_batch_reference)
+    if backend not in DRIVERS:
+        raise ValueError(f"backend: choose one of {', '.join(DRIVERS)}, got {backend!r}")
+    select, corrupt = DRIVERS[backend]
     chosen = select(region, ratio)
     corrupted = force_change(clean, corrupt(clean, chosen), chosen)
     mask = (corrupted - clean).abs().amax(dim=1, keepdim=True) > CHANGE_EPS
