@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-epoch", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2022)
     parser.add_argument("--shape-bank", type=Path, default=None, help="real pancreas masks for the phantom")
+    parser.add_argument("--coverage", default="abdomen", help="phantom cranio-caudal coverage: abdomen or long")
     parser.add_argument("--phantom", type=Path, default=None, help="reuse this phantom dataset")
     parser.add_argument("--reference", action="store_true", help="also train the recipe on the NIH scan")
     parser.add_argument("--no-phantom-run", action="store_true", help="only the --reference run")
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = recipe(args.recipe, args.steps, args.steps_per_epoch, args.seed)
     report: dict = {"recipe": {"scale": args.recipe, **overrides},
                     "phantom": {"sites": sites, "cases_per_site": args.cases_per_site, "scale": args.scale,
-                                "shape_bank": str(args.shape_bank) if args.shape_bank else None},
+                                "shape_bank": str(args.shape_bank) if args.shape_bank else None,
+                                "coverage": args.coverage},
                     "load_average": os.getloadavg()[0]}
     preds: dict[str, Path] = {}
     if not args.no_phantom_run:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
             start = time.perf_counter()
             generate_dataset(root, sites=sites, cases_per_site=args.cases_per_site, seed=0, scale=args.scale,
-                             shape_bank=args.shape_bank)
+                             shape_bank=args.shape_bank, coverage=args.coverage)
             report["phantom"]["generate_s"] = round(time.perf_counter() - start, 1)
         model, facts = train(root, sites, overrides, args.out / "run")
         report["phantom_run"] = {**facts, **evaluate_real(model, args.real, args.out / "pred")}

@@ -26,12 +26,12 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
             sweeps.setdefault(axis, []).extend(values)
         root = generate_sweep_dataset(args.out, sweeps, cases_per_site=args.cases_per_site, seed=args.seed,
                                       scale=args.scale, base=args.sweep_base, workers=args.workers,
-                                      shape_bank=args.shape_bank)
+                                      shape_bank=args.shape_bank, coverage=args.coverage)
     else:
         sites = [s for s in args.sites.split(",") if s] if args.sites else None
         root = generate_dataset(args.out, sites=sites, cases_per_site=args.cases_per_site,
                                 seed=args.seed, scale=args.scale, workers=args.workers,
-                                shape_bank=args.shape_bank)
+                                shape_bank=args.shape_bank, coverage=args.coverage)
     print(f"phantom dataset written to {root}")
     return 0
 
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-bank", type=Path, default=None, metavar="DIR",
                    help="folder of real pancreas masks (e.g. the MSD Task07 labels): each case's pancreas is one "
                         "of them, deformed and placed in the anatomy (default: the procedural pancreas)")
+    p.add_argument("--coverage", default="abdomen", choices=["abdomen", "long"],
+                   help="cranio-caudal extent: abdomen (default: kidney poles to liver dome) or long (lung bases to "
+                        "iliac crests, as a clinical abdominal scan)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("verify-dataset", help="report every problem of a dataset at once")

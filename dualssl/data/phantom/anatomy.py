@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dualssl.data.phantom.coverage import crop_range, heart, iliac_wings
 from dualssl.data.phantom.fields import SmoothField
 from dualssl.data.phantom.painters import BowelLoops, Hollow, Paint
 from dualssl.data.phantom.shape_bank import place_bank_pancreas
@@ -58,7 +59,8 @@ class Anatomy:
     shift: np.ndarray
     body: Section
     z_range: tuple[float, float]
-    """Body-frame z (mm) of the crop: lower kidney pole to just above the liver dome."""
+    """Body-frame z (mm) of the crop: lower kidney pole to just under the liver dome (``coverage.py``
+    lengthens it)."""
     pancreas: Pancreas
     landmarks: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -82,12 +84,14 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = (0.0, 0.12),
-                   shape_bank=None, bank_rng: np.random.Generator | None = None) -> Anatomy:
+                   shape_bank=None, bank_rng: np.random.Generator | None = None,
+                   coverage: str = "abdomen") -> Anatomy:
     """Draw one abdomen (sizes, positions, rotations, organ volumes) from ``rng``.
 
     ``fatty_range``: range of the pancreas' interlobular fat fraction (older populations: higher).
     ``shape_bank`` (a :class:`~dualssl.data.phantom.shape_bank.ShapeBank`): paint a real mask, drawn
     and deformed with ``bank_rng``, where the procedural pancreas sits; None = the procedural shape.
+    ``coverage``: cranio-caudal extent of the crop (``coverage.COVERAGES``; "abdomen" = the default).
     """
     # --- body habitus ---------------------------------------------------------------------------
     adip = _u(rng, 0, 1)
@@ -123,6 +127,7 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
     zk_r, zk_l = -_u(rng, 8, 20) * h, _u(rng, -8, 4) * h           # right kidney lower than left
     z_lo = min(zk_r, zk_l) - kid_r[2]
     z_hi = z_dome - 8
+    c_lo, c_hi = crop_range(coverage, z_lo, z_hi, h)  # the crop; (z_lo, z_hi) for the default coverage
     lm = {"vertebra": np.array([0, yV, 0]), "aorta": np.array([xA, yA, 0]),
           "confluence": np.array([xC, yC, 0.0]), "ivc": np.array([xI, yI, 0])}
 
@@ -134,7 +139,7 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
         painters.append(Paint(Ellipsoid(np.array([side * 27 * f, yV - 40 * g, 0]),
                                          np.array([24 * f, 19 * g, 1e4])), T.MUSCLE,
                               only=(T.VISCERAL_FAT, T.SUBCUT_FAT)))
-        zs = np.linspace(z_hi, z_lo - 20, 6)
+        zs = np.linspace(z_hi, c_lo - 20, 6)
         grow = np.clip((-zs + 0.0) / 90.0, 0, 1)
         knots = np.stack([side * (rvx + 6 + 14 * grow) * f, yV + 2 - 4 * grow, zs], 1)
         painters.append(Paint(Tube.through(knots, 2 + 18 * grow * f), T.MUSCLE, only=(T.VISCERAL_FAT,)))
@@ -143,10 +148,10 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
     bowel_at = len(painters)
 
     # --- colon: ascending, transverse, descending --------------------------------------------------
-    knots = np.array([[0.74 * a_cav, yV + 20, z_lo - 25], [0.72 * a_cav, yV + 22, -20 * h],
+    knots = np.array([[0.74 * a_cav, yV + 20, c_lo - 25], [0.72 * a_cav, yV + 22, -20 * h],
                       [0.45 * a_cav, yC + 40, -30 * h], [-0.1 * a_cav, yC + 50, -40 * h],
                       [-0.55 * a_cav, yC + 30, -10 * h], [-0.78 * a_cav, yV + 25, 20 * h],
-                      [-0.8 * a_cav, yV + 12, -25 * h], [-0.8 * a_cav, yV + 10, z_lo - 25]])
+                      [-0.8 * a_cav, yV + 12, -25 * h], [-0.8 * a_cav, yV + 10, c_lo - 25]])
     colon = Tube.through(knots, _u(rng, 15, 22), noise=SmoothField.random(rng, 40, gain=0.06))
     t = np.linspace(0, colon.length, len(colon.radii))
     colon.radii = colon.radii * (1 + 0.12 * np.cos(2 * np.pi * t / _u(rng, 18, 26)))  # haustra
@@ -197,9 +202,10 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
     if shape_bank is not None:
         pancreas = place_bank_pancreas(shape_bank, bank_rng, pancreas, clear_of=((xA, yA, rA), (xI, yI, 12.0)))
     ptube = pancreas.tube
-    zone = Intersect([cav, Where(np.array([-a, yA + 5, z_lo - 30]), np.array([a, b_ant, 10.0]),
+    zone = Intersect([cav, Where(np.array([-a, yA + 5, c_lo - 30]), np.array([a, b_ant, 10.0]),
                                  lambda x, y, z: np.ones(x.shape, bool))])
-    painters.insert(bowel_at, _bowel(rng, zone, up, _u(rng, 18, 24), avoid=ptube))
+    n_cand = round(1500 * (40 - c_lo) / (40 - z_lo))   # candidate density as in the abdominal crop
+    painters.insert(bowel_at, _bowel(rng, zone, up, _u(rng, 18, 24), avoid=ptube, n_candidates=n_cand))
     head_i = int(np.argmin(np.abs(pancreas.region_s - 0.18)))
     head = ptube.points[head_i]
     r_head = float(ptube.radii[head_i])
@@ -242,7 +248,7 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
         painters.append(Paint(Tube.through(kn, np.array([rr, rr * 0.75, 2.0])), T.LIVER_VESSEL, only=(T.LIVER,)))
 
     # --- vessels ------------------------------------------------------------------------------------
-    z_bot, z_top = z_lo - 30, z_hi + 30
+    z_bot, z_top = c_lo - 30, c_hi + 30
     aorta = Tube.through(np.array([[xA, yA, z_top], [xA, yA + 1, 0], [xA + 1, yA + 3, z_bot]]), rA)
     ivc = Tube.through(np.array([[xI, yI, z_bot], [xI + 2, yI + 2, 0], [xI + 4, yI + 8, z_dome - 10],
                                  [xI + 2, yI + 10, z_top]]), _u(rng, 10, 13), metric=(1.0, 1.4, 1.0))
@@ -283,10 +289,14 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
                           T.LUNG, only=SOLID + (T.LIVER_VESSEL, T.STOMACH_CONTENT, T.GAS)))
 
     # --- ribs, spine ----------------------------------------------------------------------------------
-    painters += _ribs(rng, wall_out, cav, z_dome, z_lo, h)
+    painters += _ribs(rng, wall_out, cav, max(z_dome + 10, c_hi + 10), h)
+    if c_lo < z_lo:
+        painters += iliac_wings(cav, yV, z_lo - 20 * h, z_bot)
+    if c_hi > z_hi:
+        painters += heart(cav, yC, z_dome, f, h)
     painters += _spine(rng, yV, rvx, rvy, z_bot, z_top, h)
 
-    return Anatomy(painters, rot, shift, body, (z_lo, z_hi), pancreas, lm)
+    return Anatomy(painters, rot, shift, body, (c_lo, c_hi), pancreas, lm)
 
 
 def _pancreas(rng, xC: float, yC: float, hilum: np.ndarray, f: float, h: float,
@@ -344,12 +354,12 @@ def _splenic_artery(rng, pancreas: Pancreas, celiac: np.ndarray, hilum: np.ndarr
     return Tube.through(knots, _u(rng, 2.2, 3.0))
 
 
-def _bowel(rng, zone, up: np.ndarray, spacing: float, avoid: Tube) -> BowelLoops:
+def _bowel(rng, zone, up: np.ndarray, spacing: float, avoid: Tube, n_candidates: int = 1500) -> BowelLoops:
     """Seeds at least ``spacing`` apart (dart throwing), loops 0.55-0.8 x spacing in radius, a third
     collapsed, half of the rest reached by oral contrast, a tenth with gas. No loop reaches within
     ~8 mm of ``avoid`` (the retroperitoneal pancreas keeps its fat)."""
     lo, hi = zone.bounds()
-    cand = rng.uniform(lo, hi, size=(1500, 3))
+    cand = rng.uniform(lo, hi, size=(n_candidates, 3))
     cand = cand[zone.inside(cand[:, 0], cand[:, 1], cand[:, 2])]
     d, i = avoid.nearest(cand[:, 0], cand[:, 1], cand[:, 2])
     cand = cand[~(d < avoid.radii[i] + 0.8 * spacing + 8)]
@@ -367,8 +377,9 @@ def _bowel(rng, zone, up: np.ndarray, spacing: float, avoid: Tube) -> BowelLoops
                       content.astype(np.uint8), gas, up)
 
 
-def _ribs(rng, wall_out: Section, cav: Section, z_dome: float, z_lo: float, h: float) -> list:
-    """Ribs: hoops in the body wall sloping down from back to front; none in front of the midline."""
+def _ribs(rng, wall_out: Section, cav: Section, z_top: float, h: float) -> list:
+    """Ribs: hoops in the body wall sloping down from back to front, up to ``z_top``; none in front of
+    the midline."""
     period = _u(rng, 24, 30) * h
     phase = _u(rng, 0, period)
     a_mid, b_mid = (wall_out.a + cav.a) / 2, (wall_out.b_ant + cav.b_ant) / 2
@@ -384,10 +395,10 @@ def _ribs(rng, wall_out: Section, cav: Section, z_dome: float, z_lo: float, h: f
         k = np.round((zr - phase) / period)
         vertical = (zr - phase - k * period) / half_h
         front = (sin_t > 0.75) | ((sin_t > 0.3) & (zr < z_min_rib + 40))
-        return (radial ** 2 + vertical ** 2 < 1) & ~front & (zr > z_min_rib) & (z < z_dome + 10)
+        return (radial ** 2 + vertical ** 2 < 1) & ~front & (zr > z_min_rib) & (z < z_top)
 
     lo = np.array([-wall_out.a, -wall_out.b_post, z_min_rib - 40])
-    hi = np.array([wall_out.a, wall_out.b_ant, z_dome + 10])
+    hi = np.array([wall_out.a, wall_out.b_ant, z_top])
     allowed = (T.MUSCLE, T.SUBCUT_FAT, T.VISCERAL_FAT, T.LUNG)
     return [Paint(Where(lo, hi, ribs), T.CORTICAL_BONE, only=allowed),
             Paint(Where(lo, hi, lambda x, y, z: ribs(x, y, z, 3.2, 1.8)), T.BONE, only=(T.CORTICAL_BONE,))]

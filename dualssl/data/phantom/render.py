@@ -16,6 +16,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy import ndimage
 
 from dualssl.data.phantom.anatomy import Anatomy, sample_anatomy
+from dualssl.data.phantom.coverage import check_coverage
 from dualssl.data.phantom.fields import SmoothField, field_on_axes, noise_texture
 from dualssl.data.phantom.grid import Grid
 from dualssl.data.phantom.shape_bank import ShapeBank, bank_rng
@@ -55,23 +56,26 @@ class PhantomCase:
 
 
 def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
-                shape_bank: ShapeBank | str | Path | None = None) -> PhantomCase:
+                shape_bank: ShapeBank | str | Path | None = None, coverage: str = "abdomen") -> PhantomCase:
     """Render one case of ``site`` from ``seed`` at ``scale`` (1.0 = clinical voxel sizes; 0.5
-    doubles every voxel side). The field of view is cropped to the body from the lower kidney
-    poles to just above the liver dome.
+    doubles every voxel side). The field of view is cropped to the body and, with the default
+    ``coverage``, from the lower kidney poles to just under the liver dome.
 
     ``shape_bank``: a folder of real pancreas masks (or a :class:`ShapeBank`): the pancreas is one of
-    them, deformed and placed where the procedural one sits; None (default) = the procedural shape."""
+    them, deformed and placed where the procedural one sits; None (default) = the procedural shape.
+    ``coverage``: "abdomen" (default) or "long" (lung bases to iliac crests, as a clinical abdominal
+    scan; ``coverage.py``)."""
     profile = get_profile(site)
     if not (isinstance(scale, (int, float)) and 0.05 <= float(scale) <= 1.0):
         raise ValueError(f"scale={scale!r}: must lie in [0.05, 1.0] (1.0 = clinical voxel sizes, "
                          "0.5 = demo size, 0.3 = test size)")
     scale = float(scale)
+    check_coverage(coverage)
     s_anat, s_acq, s_noise = np.random.SeedSequence(int(seed)).spawn(3)
     if shape_bank is not None and not isinstance(shape_bank, ShapeBank):
         shape_bank = ShapeBank(shape_bank)
     anatomy = sample_anatomy(np.random.default_rng(s_anat), profile.fatty_range, shape_bank,
-                             bank_rng(seed) if shape_bank is not None else None)
+                             bank_rng(seed) if shape_bank is not None else None, coverage)
     acq = _draw_acquisition(np.random.default_rng(s_acq), profile, anatomy)
     grid, n_sub = _grids(anatomy, profile, acq, scale)
 
@@ -106,6 +110,8 @@ def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
         "pancreas_ml": float(label.sum() * np.prod(grid.spacing) / 1000.0),
         "tissue_hu": {t.name.lower(): acq["hu"][t] for t in _TISSUES},
     }
+    if coverage != "abdomen":
+        info["coverage"] = coverage
     if shape_bank is not None:
         info["pancreas_shape"] = f"bank:{anatomy.pancreas.shape.mask.name}"
         info["pancreas_bank_ml"] = anatomy.pancreas.shape.mask.volume_ml
