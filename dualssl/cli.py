@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-bank", type=Path, default=None, metavar="DIR",
                    help="folder of real pancreas masks (e.g. the MSD Task07 labels): each case's pancreas is one "
                         "of them, deformed and placed in the anatomy (default: the procedural pancreas)")
-    p.add_argument("--coverage", default="abdomen", choices=["abdomen", "long"],
+    p.add_argument("--coverage", default="abdomen",  # checked by the phantom (coverage.COVERAGES)
                    help="cranio-caudal extent: abdomen (default: kidney poles to liver dome) or long (lung bases to "
                         "iliac crests, as a clinical abdominal scan)")
     p.set_defaults(func=_cmd_phantom)

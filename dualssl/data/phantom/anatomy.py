@@ -289,11 +289,11 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
                           T.LUNG, only=SOLID + (T.LIVER_VESSEL, T.STOMACH_CONTENT, T.GAS)))
 
     # --- ribs, spine ----------------------------------------------------------------------------------
-    painters += _ribs(rng, wall_out, cav, max(z_dome + 10, c_hi + 10), h)
+    painters += _ribs(rng, wall_out, cav, max(z_dome + 10, c_hi + 10), h)   # z_dome + 10 for the default crop
     if c_lo < z_lo:
         painters += iliac_wings(cav, yV, z_lo - 20 * h, z_bot)
     if c_hi > z_hi:
-        painters += heart(cav, yC, z_dome, f, h)
+        painters += heart(yC, z_dome, f, h)
     painters += _spine(rng, yV, rvx, rvy, z_bot, z_top, h)
 
     return Anatomy(painters, rot, shift, body, (c_lo, c_hi), pancreas, lm)

@@ -33,7 +33,7 @@ def crop_range(coverage: str, z_lo: float, z_hi: float, h: float) -> tuple[float
     return z_lo - below * h, z_hi + above * h
 
 
-def heart(cav: Section, yC: float, z_dome: float, f: float, h: float) -> list:
+def heart(yC: float, z_dome: float, f: float, h: float) -> list:
     """Pericardial fat, myocardium and blood pool on the diaphragm, left of the midline and in front."""
     c = np.array([-18.0 * f, yC + 22.0, z_dome + 38.0 * h])
     r = np.array([58.0 * f, 46.0, 52.0 * h])

@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 
 from dualssl.data.phantom.measure import FAT, core_medians, erosion_for
-from dualssl.data.phantom.render import PhantomCase, render_case
 from dualssl.data.phantom.coverage import check_coverage
+from dualssl.data.phantom.render import PhantomCase, render_case
 from dualssl.data.phantom.shape_bank import ShapeBank
 from dualssl.data.phantom.sites import SITE_PROFILES, SiteProfile, get_profile
 from dualssl.data.phantom.sweeps import DEFAULT_BASE, sweep_record, sweep_sites

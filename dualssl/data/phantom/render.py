@@ -16,7 +16,6 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy import ndimage
 
 from dualssl.data.phantom.anatomy import Anatomy, sample_anatomy
-from dualssl.data.phantom.coverage import check_coverage
 from dualssl.data.phantom.fields import SmoothField, field_on_axes, noise_texture
 from dualssl.data.phantom.grid import Grid
 from dualssl.data.phantom.shape_bank import ShapeBank, bank_rng
@@ -70,7 +69,6 @@ def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
         raise ValueError(f"scale={scale!r}: must lie in [0.05, 1.0] (1.0 = clinical voxel sizes, "
                          "0.5 = demo size, 0.3 = test size)")
     scale = float(scale)
-    check_coverage(coverage)
     s_anat, s_acq, s_noise = np.random.SeedSequence(int(seed)).spawn(3)
     if shape_bank is not None and not isinstance(shape_bank, ShapeBank):
         shape_bank = ShapeBank(shape_bank)
