@@ -15,7 +15,9 @@ It then exports that checkpoint as a model folder (``dualssl.export.export_model
 ``studies/export_best.py`` writes), runs ``dualssl predict --model DIR/model`` in a subprocess on the
 real scans, and writes ``DIR/sim_to_real.json`` and ``DIR/sim_to_real.png``:
 
-* NIH Pancreas-CT PANCREAS_0001 (manual label): Dice, HD95, predicted and true volume, centroid distance;
+* NIH Pancreas-CT PANCREAS_0001 (manual label): Dice, HD95, predicted and true volume, centroid distance,
+  and graded measures of the foreground probability (soft Dice, AUROC, mean probability inside the label)
+  that still rank phantoms when every hard mask scores Dice 0;
 * the TotalSegmentator example (second scanner, native phase, 3 mm): Dice against the TotalSegmentator
   PREDICTION, i.e. agreement with a model, not accuracy.
 
@@ -107,11 +109,53 @@ def measure(pred_path: Path, label_path: Path) -> dict:
             "centroid_mm": None if cp is None else round(float(np.linalg.norm(cp - cl)), 1)}
 
 
+def graded(model: Path, scan: Path, label_path: Path) -> dict:
+    """Soft Dice, AUROC and mean probability inside the label of the net's foreground probability, on
+    the net's own preprocessed grid (the label resampled onto it): these still rank phantoms when every
+    hard mask scores Dice 0."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from dualssl.evaluation.inference import Predictor
+    from dualssl.evaluation.metrics import probability_metrics
+    from dualssl.export import load_model
+
+    net, cfg = load_model(model)
+    predictor = Predictor(net, cfg, "cpu")
+    image = predictor.preprocess({"image": str(scan)})["image"]
+    prob = predictor.predict_probs(image, tta=False)[1].numpy()
+    lab = nib.load(label_path)
+    lab_t = MetaTensor(torch.as_tensor(np.asarray(lab.dataobj, np.float32)[None]), affine=torch.as_tensor(lab.affine))
+    on_grid = SpatialResample(mode="bilinear")(lab_t, dst_affine=image.affine, spatial_size=image.shape[1:])[0]
+    return {k: round(v, 4) for k, v in probability_metrics(prob, on_grid.numpy() > 0.5).items()}
+
+
+def appearance(root: Path | None, real: Path) -> dict:
+    """Peri-pancreatic appearance at the recipe's resolution (``peripancreatic_appearance``): the NIH
+    scan, and the mean over the phantom's training cases (as stored: what the net sees)."""
+    from dualssl.data.phantom.measure import peripancreatic_appearance
+
+    def one(image: Path, label: Path) -> dict:
+        img = nib.load(image)
+        return peripancreatic_appearance(np.asarray(img.dataobj, np.float32), np.asarray(nib.load(label).dataobj),
+                                         tuple(float(z) for z in img.header.get_zooms()[:3]))
+
+    out = {"nih": {k: round(v, 3) for k, v in one(real / NIH / "ct.nii.gz", real / NIH / "pancreas.nii.gz").items()}}
+    if root is not None:
+        cases = json.loads((root / "dataset.json").read_text())["training"]
+        rows = [one(root / c["image"], root / c["label"]) for c in cases]
+        out["phantom_mean"] = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]}
+        out["phantom_cases"] = len(rows)
+    return out
+
+
 def evaluate_real(model: Path, real: Path, out: Path) -> dict:
     nih_pred = predict(model, real / NIH / "ct.nii.gz", out / "nih_pred.nii.gz")
     ts_pred = predict(model, real / TS / "ct.nii.gz", out / "ts_pred.nii.gz")
     ts = measure(ts_pred, real / TS / "pancreas_predicted.nii.gz")
-    return {"nih": measure(nih_pred, real / NIH / "pancreas.nii.gz"),
+    return {"nih": {**measure(nih_pred, real / NIH / "pancreas.nii.gz"),
+                    **graded(model, real / NIH / "ct.nii.gz", real / NIH / "pancreas.nii.gz")},
             "totalseg_agreement": {"dice_vs_totalsegmentator_prediction": ts["dice"], "pred_ml": ts["pred_ml"],
                                    "totalsegmentator_ml": ts["label_ml"],
                                    "note": "agreement with a model's prediction, not accuracy"}}
@@ -178,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-epoch", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2022)
     parser.add_argument("--shape-bank", type=Path, default=None, help="real pancreas masks for the phantom")
-    parser.add_argument("--coverage", default="abdomen", help="phantom cranio-caudal coverage: abdomen or long")
+    parser.add_argument("--preset", default="default", help="phantom preset (options.PRESETS): default or clinical")
+    parser.add_argument("--coverage", default=None, help="phantom cranio-caudal coverage: abdomen or long")
+    parser.add_argument("--fov", default=None, help="phantom field of view: body or scanner (with the table)")
+    parser.add_argument("--context", default=None, help="around the pancreas: fat or packed")
+    parser.add_argument("--pancreas-fat", type=float, default=None, help="factor on the sites' pancreatic fat")
     parser.add_argument("--phantom", type=Path, default=None, help="reuse this phantom dataset")
     parser.add_argument("--reference", action="store_true", help="also train the recipe on the NIH scan")
     parser.add_argument("--no-phantom-run", action="store_true", help="only the --reference run")
@@ -188,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sites = [s for s in args.sites.split(",") if s]
     overrides = recipe(args.recipe, args.steps, args.steps_per_epoch, args.seed)
+    from dualssl.data.phantom.options import phantom_options
+
+    options = phantom_options(args.preset, coverage=args.coverage, fov=args.fov, context=args.context,
+                              pancreas_fat=args.pancreas_fat)
     report: dict = {"recipe": {"scale": args.recipe, **overrides},
                     "phantom": {"sites": sites, "cases_per_site": args.cases_per_site, "scale": args.scale,
                                 "shape_bank": str(args.shape_bank) if args.shape_bank else None,
-                                "coverage": args.coverage},
+                                "options": options.to_dict()},
                     "load_average": os.getloadavg()[0]}
     preds: dict[str, Path] = {}
     if not args.no_phantom_run:
@@ -201,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
 
             start = time.perf_counter()
             generate_dataset(root, sites=sites, cases_per_site=args.cases_per_site, seed=0, scale=args.scale,
-                             shape_bank=args.shape_bank, coverage=args.coverage)
+                             shape_bank=args.shape_bank, options=options)
             report["phantom"]["generate_s"] = round(time.perf_counter() - start, 1)
+        report["appearance"] = appearance(root, args.real)
+        print(json.dumps({"appearance": report["appearance"]}), flush=True)
         model, facts = train(root, sites, overrides, args.out / "run")
         report["phantom_run"] = {**facts, **evaluate_real(model, args.real, args.out / "pred")}
         preds["trained on phantom"] = args.out / "pred" / "nih_pred.nii.gz"

@@ -14,7 +14,11 @@ from pathlib import Path
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from dualssl.data.phantom import generate_dataset, generate_sweep_dataset
+    from dualssl.data.phantom.options import phantom_options
     from dualssl.data.phantom.sweeps import parse_sweep_spec
+
+    options = phantom_options(args.preset, coverage=args.coverage, fov=args.fov, context=args.context,
+                              pancreas_fat=args.pancreas_fat)
 
     if args.sweep:
         if args.sites:
@@ -26,12 +30,12 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
             sweeps.setdefault(axis, []).extend(values)
         root = generate_sweep_dataset(args.out, sweeps, cases_per_site=args.cases_per_site, seed=args.seed,
                                       scale=args.scale, base=args.sweep_base, workers=args.workers,
-                                      shape_bank=args.shape_bank, coverage=args.coverage)
+                                      shape_bank=args.shape_bank, options=options)
     else:
         sites = [s for s in args.sites.split(",") if s] if args.sites else None
         root = generate_dataset(args.out, sites=sites, cases_per_site=args.cases_per_site,
                                 seed=args.seed, scale=args.scale, workers=args.workers,
-                                shape_bank=args.shape_bank, coverage=args.coverage)
+                                shape_bank=args.shape_bank, options=options)
     print(f"phantom dataset written to {root}")
     return 0
 
@@ -119,9 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-bank", type=Path, default=None, metavar="DIR",
                    help="folder of real pancreas masks (e.g. the MSD Task07 labels): each case's pancreas is one "
                         "of them, deformed and placed in the anatomy (default: the procedural pancreas)")
-    p.add_argument("--coverage", default="abdomen",  # checked by the phantom (coverage.COVERAGES)
+    # the choices are checked by PhantomOptions, whose errors name the field and its values
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="phantom preset (dualssl.data.phantom.options.PRESETS): default, or clinical (long coverage, "
+                        "scanner field of view with the table, bowel packed around a lean pancreas); the flags "
+                        "below override its fields")
+    p.add_argument("--coverage", default=None,
                    help="cranio-caudal extent: abdomen (default: kidney poles to liver dome) or long (lung bases to "
                         "iliac crests, as a clinical abdominal scan)")
+    p.add_argument("--fov", default=None,
+                   help="in-plane field of view: body (default: cropped to the body) or scanner (the reconstructed "
+                        "square, with air and the table)")
+    p.add_argument("--context", default=None,
+                   help="around the pancreas: fat (default: a fat plane) or packed (bowel loops abut it)")
+    p.add_argument("--pancreas-fat", type=float, default=None, metavar="FACTOR",
+                   help="factor on the site's interlobular fat of the pancreas (default 1; 0 = a lean gland)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("verify-dataset", help="report every problem of a dataset at once")

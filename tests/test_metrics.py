@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dualssl.evaluation.metrics import case_metrics, summarise
+from dualssl.evaluation.metrics import case_metrics, probability_metrics, summarise
 from dualssl.evaluation.report import write_per_case_csv, write_summary_json
 
 
@@ -255,3 +255,19 @@ def test_reports_round_trip(tmp_path):
     loaded = json.loads(text)  # strict JSON: NaN became null
     assert "NaN" not in text and loaded["per_site"]["src"]["hd95_mean"] is None
     assert loaded["across_sites"]["worst_site"] == summary["across_sites"]["worst_site"]
+
+
+def test_probability_metrics_hand_counted():
+    # 2x2x1 grid: label voxels hold 0.9 and 0.6, background 0.6 and 0.4. Pairs (label, background):
+    # 0.9>0.6, 0.9>0.4, 0.6=0.6 (half), 0.6>0.4 -> AUROC 3.5 / 4. Soft Dice 2 (0.9 + 0.6) / (2.5 + 2).
+    prob = np.array([0.9, 0.6, 0.6, 0.4]).reshape(2, 2, 1)
+    label = np.array([1, 0, 1, 0]).reshape(2, 2, 1)
+    m = probability_metrics(prob, label)
+    assert m["auroc"] == pytest.approx(0.875)
+    assert m["soft_dice"] == pytest.approx(3.0 / 4.5)
+    assert m["mean_prob_in_label"] == pytest.approx(0.75)
+    assert math.isnan(probability_metrics(prob, np.zeros_like(label))["auroc"])
+    with pytest.raises(ValueError, match="same"):
+        probability_metrics(prob, label.reshape(1, 2, 2))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        probability_metrics(prob * 2, label)

@@ -10,7 +10,7 @@ import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from dualssl.cli import main as cli_main
-from dualssl.data.phantom import render_case
+from dualssl.data.phantom import PhantomOptions, render_case
 from dualssl.data.phantom.tissues import Tissue
 
 SCALE = 0.3
@@ -23,12 +23,13 @@ def _ras(case, array: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pair():
-    return render_case("pv_standard", 11, SCALE), render_case("pv_standard", 11, SCALE, coverage="long")
+    return (render_case("pv_standard", 11, SCALE),
+            render_case("pv_standard", 11, SCALE, options=PhantomOptions(coverage="long")))
 
 
 def test_long_coverage_is_deterministic_and_its_label_is_the_painted_pancreas(pair):
     _, long = pair
-    again = render_case("pv_standard", 11, SCALE, coverage="long")
+    again = render_case("pv_standard", 11, SCALE, options=PhantomOptions(coverage="long"))
     assert np.array_equal(long.image, again.image) and np.array_equal(long.label, again.label)
     assert long.info["coverage"] == "long"
     on_gland = (long.organs[long.label > 0] == Tissue.PANCREAS).mean()
@@ -58,7 +59,7 @@ def test_long_coverage_adds_thorax_and_pelvis_and_keeps_the_patient(pair):
 
 def test_unknown_coverage_is_refused_by_name():
     with pytest.raises(ValueError, match="coverage='pelvis'.*abdomen, long"):
-        render_case("pv_standard", 1, SCALE, coverage="pelvis")
+        render_case("pv_standard", 1, SCALE, options=PhantomOptions(coverage="pelvis"))
 
 
 def test_cli_writes_a_long_dataset_and_records_its_coverage(tmp_path):

@@ -135,6 +135,35 @@ def case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
     return {k: out[k] for k in METRICS}
 
 
+def probability_metrics(prob: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Graded agreement of a foreground probability map with a label, for when hard masks all score
+    Dice 0 and cannot rank models (e.g. a phantom-trained net on a real scan).
+
+    Args:
+        prob: ``(X,Y,Z)`` foreground probabilities in [0, 1].
+        label: ``(X,Y,Z)`` mask on the same grid (non-zero = foreground).
+
+    Returns:
+        ``soft_dice`` (2 sum(p y) / (sum p + sum y)), ``auroc`` (probability that a label voxel
+        outranks a background voxel, ties counted half; MONAI's ``compute_roc_auc``; NaN when either
+        class is absent) and ``mean_prob_in_label``.
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    y = _as_bool_volume(label, "label")
+    if p.shape != y.shape:
+        raise ValueError(f"prob {p.shape} and label {y.shape}: expected the same (X,Y,Z) grid")
+    if p.size and (p.min() < 0 or p.max() > 1):
+        raise ValueError(f"prob: values must lie in [0, 1], got [{p.min():.3g}, {p.max():.3g}]")
+    from monai.metrics import compute_roc_auc
+
+    denom = p.sum() + y.sum()
+    both = 0 < y.sum() < y.size
+    return {"soft_dice": float(2 * (p * y).sum() / denom) if denom else 1.0,
+            "auroc": float(compute_roc_auc(torch.from_numpy(p.ravel()), torch.from_numpy(y.ravel().astype(np.int64))))
+            if both else math.nan,
+            "mean_prob_in_label": float(p[y].mean()) if y.any() else math.nan}
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Mask voxels with a 6-neighbour outside the mask (MONAI's ``get_mask_edges`` without spacing)."""
     return mask ^ ndimage.binary_erosion(mask)

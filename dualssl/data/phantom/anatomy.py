@@ -16,6 +16,8 @@ import numpy as np
 
 from dualssl.data.phantom.coverage import crop_range, heart, iliac_wings
 from dualssl.data.phantom.fields import SmoothField
+from dualssl.data.phantom.options import CONTEXTS, BowelClearance, PhantomOptions
+from dualssl.data.phantom.table import table
 from dualssl.data.phantom.painters import BowelLoops, Hollow, Paint
 from dualssl.data.phantom.shape_bank import place_bank_pancreas
 from dualssl.data.phantom.shapes import (Ellipsoid, Intersect, Section, SoftUnion, Subtract, Tube,
@@ -85,14 +87,16 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = (0.0, 0.12),
                    shape_bank=None, bank_rng: np.random.Generator | None = None,
-                   coverage: str = "abdomen") -> Anatomy:
+                   options: PhantomOptions | None = None) -> Anatomy:
     """Draw one abdomen (sizes, positions, rotations, organ volumes) from ``rng``.
 
     ``fatty_range``: range of the pancreas' interlobular fat fraction (older populations: higher).
     ``shape_bank`` (a :class:`~dualssl.data.phantom.shape_bank.ShapeBank`): paint a real mask, drawn
     and deformed with ``bank_rng``, where the procedural pancreas sits; None = the procedural shape.
-    ``coverage``: cranio-caudal extent of the crop (``coverage.COVERAGES``; "abdomen" = the default).
+    ``options``: coverage of the crop, the table, the pancreas' surroundings and its interlobular fat
+    (:class:`~dualssl.data.phantom.options.PhantomOptions`; None = the defaults).
     """
+    options = options or PhantomOptions()
     # --- body habitus ---------------------------------------------------------------------------
     adip = _u(rng, 0, 1)
     a = 136 + 36 * adip + _u(rng, -7, 7)              # lateral semi-axis of the skin
@@ -127,7 +131,7 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
     zk_r, zk_l = -_u(rng, 8, 20) * h, _u(rng, -8, 4) * h           # right kidney lower than left
     z_lo = min(zk_r, zk_l) - kid_r[2]
     z_hi = z_dome - 8
-    c_lo, c_hi = crop_range(coverage, z_lo, z_hi, h)  # the crop; (z_lo, z_hi) for the default coverage
+    c_lo, c_hi = crop_range(options.coverage, z_lo, z_hi, h)  # the crop; (z_lo, z_hi) for the default coverage
     lm = {"vertebra": np.array([0, yV, 0]), "aorta": np.array([xA, yA, 0]),
           "confluence": np.array([xC, yC, 0.0]), "ivc": np.array([xI, yI, 0])}
 
@@ -198,14 +202,16 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
         lm[f"kidney_{'right' if side > 0 else 'left'}"] = c
 
     # --- pancreas ------------------------------------------------------------------------------------
-    pancreas = _pancreas(rng, xC, yC, hilum, f, h, fatty_range)
+    pancreas = _pancreas(rng, xC, yC, hilum, f, h, fatty_range, options.pancreas_fat)
     if shape_bank is not None:
         pancreas = place_bank_pancreas(shape_bank, bank_rng, pancreas, clear_of=((xA, yA, rA), (xI, yI, 12.0)))
     ptube = pancreas.tube
-    zone = Intersect([cav, Where(np.array([-a, yA + 5, c_lo - 30]), np.array([a, b_ant, 10.0]),
+    clear = options.clearance
+    zone = Intersect([cav, Where(np.array([-a, yA + 5, c_lo - 30]), np.array([a, b_ant, clear.zone_top_mm]),
                                  lambda x, y, z: np.ones(x.shape, bool))])
     n_cand = round(1500 * (40 - c_lo) / (40 - z_lo))   # candidate density as in the abdominal crop
-    painters.insert(bowel_at, _bowel(rng, zone, up, _u(rng, 18, 24), avoid=ptube, n_candidates=n_cand))
+    painters.insert(bowel_at, _bowel(rng, zone, up, _u(rng, 18, 24), avoid=ptube, n_candidates=n_cand,
+                                         clearance=clear))
     head_i = int(np.argmin(np.abs(pancreas.region_s - 0.18)))
     head = ptube.points[head_i]
     r_head = float(ptube.radii[head_i])
@@ -295,12 +301,14 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
     if c_hi > z_hi:
         painters += heart(yC, z_dome, f, h)
     painters += _spine(rng, yV, rvx, rvy, z_bot, z_top, h)
+    if options.fov == "scanner":
+        painters += table(rng, b_post)                 # drawn last: the other draws stay as they were
 
     return Anatomy(painters, rot, shift, body, (c_lo, c_hi), pancreas, lm)
 
 
 def _pancreas(rng, xC: float, yC: float, hilum: np.ndarray, f: float, h: float,
-              fatty_range: tuple[float, float]) -> Pancreas:
+              fatty_range: tuple[float, float], fat_factor: float = 1.0) -> Pancreas:
     """Centreline from the uncinate tip through head, neck, body to the tail at the splenic hilum;
     radius profile head 10-17.5, neck 4-7.5, body 7-12.5, tail 7.5-15 mm (half thicknesses)."""
     size = _u(rng, 0.86, 1.22)
@@ -327,7 +335,7 @@ def _pancreas(rng, xC: float, yC: float, hilum: np.ndarray, f: float, h: float,
     head_i = int(np.argmin(np.linalg.norm(tube.points - knots[1], axis=1)))
     length = float(arc[-1] - arc[head_i])
     fat = SmoothField.random(rng, _u(rng, 5, 9), n_waves=12)
-    return Pancreas(tube, s, fat, _u(rng, *fatty_range), length)
+    return Pancreas(tube, s, fat, _u(rng, *fatty_range) * fat_factor, length)
 
 
 def _splenic_vein(pancreas: Pancreas, confluence: np.ndarray, hilum: np.ndarray, spleen_c: np.ndarray,
@@ -354,15 +362,17 @@ def _splenic_artery(rng, pancreas: Pancreas, celiac: np.ndarray, hilum: np.ndarr
     return Tube.through(knots, _u(rng, 2.2, 3.0))
 
 
-def _bowel(rng, zone, up: np.ndarray, spacing: float, avoid: Tube, n_candidates: int = 1500) -> BowelLoops:
+def _bowel(rng, zone, up: np.ndarray, spacing: float, avoid: Tube, n_candidates: int = 1500,
+           clearance: BowelClearance = CONTEXTS["fat"]) -> BowelLoops:
     """Seeds at least ``spacing`` apart (dart throwing), loops 0.55-0.8 x spacing in radius, a third
-    collapsed, half of the rest reached by oral contrast, a tenth with gas. No loop reaches within
-    ~8 mm of ``avoid`` (the retroperitoneal pancreas keeps its fat)."""
+    collapsed, half of the rest reached by oral contrast, a tenth with gas. No seed lies within
+    ``clearance`` of ``avoid`` (by default no loop reaches within ~8 mm: the retroperitoneal pancreas
+    keeps its fat)."""
     lo, hi = zone.bounds()
     cand = rng.uniform(lo, hi, size=(n_candidates, 3))
     cand = cand[zone.inside(cand[:, 0], cand[:, 1], cand[:, 2])]
     d, i = avoid.nearest(cand[:, 0], cand[:, 1], cand[:, 2])
-    cand = cand[~(d < avoid.radii[i] + 0.8 * spacing + 8)]
+    cand = cand[~(d < avoid.radii[i] + clearance.spacing_factor * spacing + clearance.gap_mm)]
     seeds = np.empty((0, 3))
     for p in cand:
         if len(seeds) == 0 or np.min(((seeds - p) ** 2).sum(1)) > spacing ** 2:

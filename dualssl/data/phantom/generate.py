@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from dualssl.data.phantom.measure import FAT, core_medians, erosion_for
-from dualssl.data.phantom.coverage import check_coverage
+from dualssl.data.phantom.options import PhantomOptions, phantom_options
 from dualssl.data.phantom.render import PhantomCase, render_case
 from dualssl.data.phantom.shape_bank import ShapeBank
 from dualssl.data.phantom.sites import SITE_PROFILES, SiteProfile, get_profile
@@ -58,10 +58,10 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") ->
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _write_case(job: tuple[SiteProfile, int, int, float, str, str | None, str]) -> dict:
-    profile, index, seed, scale, out, bank, coverage = job
+def _write_case(job: tuple[SiteProfile, int, int, float, str, str | None, PhantomOptions]) -> dict:
+    profile, index, seed, scale, out, bank, options = job
     site = profile.name
-    case: PhantomCase = render_case(profile, seed, scale, shape_bank=bank, coverage=coverage)
+    case: PhantomCase = render_case(profile, seed, scale, shape_bank=bank, options=options)
     cid = case_id(site, index)
     root = Path(out)
     desc = f"dualssl phantom {site} seed {seed} scale {scale:g}"
@@ -76,7 +76,7 @@ def _write_case(job: tuple[SiteProfile, int, int, float, str, str | None, str]) 
 def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = None, cases_per_site: int = 4,
                      seed: int = 0, scale: float = 0.5, workers: int = 1,
                      shape_bank: str | Path | None = None, progress: bool = False,
-                     coverage: str = "abdomen") -> Path:
+                     options: PhantomOptions | str | None = None) -> Path:
     """Render ``cases_per_site`` cases of each site in ``sites`` (default: all seven) and write them
     under ``out`` in the MSD layout; returns ``out``.
 
@@ -88,8 +88,9 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     0.3 = tests (a few hundred kB). ``workers`` > 1 renders in that many processes.
     ``shape_bank``: a folder of real pancreas masks (``shape_bank.py``); each case's pancreas is one
     of them, deformed and placed in the anatomy. None (default): the procedural pancreas.
-    ``coverage``: "abdomen" (default: kidney poles to liver dome) or "long" (lung bases to iliac crests,
-    as a clinical abdominal scan; about 1.6 times the voxels).
+    ``options``: :class:`~dualssl.data.phantom.options.PhantomOptions` or a preset name ("default",
+    "clinical": long coverage, the scanner's field of view with the table, bowel loops packed around a
+    lean pancreas; about 3 times the voxels). None = the defaults.
     ``progress``: a tqdm bar of the cases written (on stderr).
     """
     sites = list(SITE_PROFILES) if sites is None else list(sites)
@@ -110,14 +111,14 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; choose a dataset folder to write")
-    check_coverage(coverage)
+    options = phantom_options(options)
     bank = None
     if shape_bank is not None:
         bank = str(ShapeBank(shape_bank).folder)       # checks the folder before any case renders
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
 
-    jobs = [(p, i, case_seed(seed, p.seed_site, i + (SWEEP_PATIENTS if p.sweep else 0)), float(scale), str(out), bank, coverage)
+    jobs = [(p, i, case_seed(seed, p.seed_site, i + (SWEEP_PATIENTS if p.sweep else 0)), float(scale), str(out), bank, options)
             for p in profiles for i in range(cases_per_site)]
     from tqdm.auto import tqdm
 
@@ -158,8 +159,7 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     }
     if bank is not None:
         dataset["phantom"]["shape_bank"] = bank
-    if coverage != "abdomen":
-        dataset["phantom"]["coverage"] = coverage
+    dataset["phantom"].update(options.changes())
     sweeps = {p.name: sweep_record(p) for p in profiles if p.sweep}
     if sweeps:
         dataset["sweeps"] = sweeps
@@ -170,7 +170,8 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
 
 def generate_sweep_dataset(out: str | Path, sweeps: dict[str, list[float | str]], cases_per_site: int = 4,
                            seed: int = 0, scale: float = 0.5, base: str = DEFAULT_BASE,
-                           workers: int = 1, shape_bank: str | Path | None = None, coverage: str = "abdomen") -> Path:
+                           workers: int = 1, shape_bank: str | Path | None = None,
+                           options: PhantomOptions | str | None = None) -> Path:
     """Write ``base`` and one site per swept value (``sweeps``: axis -> values, e.g.
     ``{"noise": [5, 20, 40], "slice": [3, 5]}``), each with the same ``cases_per_site`` patients.
 
@@ -178,4 +179,4 @@ def generate_sweep_dataset(out: str | Path, sweeps: dict[str, list[float | str]]
     "base_value"}``; the base's cases are byte-identical to :func:`generate_dataset`'s.
     """
     return generate_dataset(out, sites=sweep_sites(sweeps, base), cases_per_site=cases_per_site, seed=seed,
-                            scale=scale, workers=workers, shape_bank=shape_bank, coverage=coverage)
+                            scale=scale, workers=workers, shape_bank=shape_bank, options=options)

@@ -19,7 +19,9 @@ from dualssl.data.phantom.anatomy import Anatomy, sample_anatomy
 from dualssl.data.phantom.fields import SmoothField, field_on_axes, noise_texture
 from dualssl.data.phantom.grid import Grid
 from dualssl.data.phantom.shape_bank import ShapeBank, bank_rng
+from dualssl.data.phantom.options import PhantomOptions, phantom_options
 from dualssl.data.phantom.sites import SiteProfile, get_profile
+from dualssl.data.phantom.table import scanner_half_width
 from dualssl.data.phantom.tissues import (ORAL_CONTRAST_HU, SPLEEN_ARTERIAL_TEXTURE_HU, TEXTURE_HU, Tissue,
                                           hu_range)
 
@@ -27,6 +29,9 @@ MAX_SUBSLICES = 5
 """Sub-slices rendered per thick slice for partial-volume averaging."""
 _MARGIN_MM = 4.0
 _TISSUES = list(Tissue)
+_DRAWN = [t for t in _TISSUES if t is not Tissue.TABLE]
+"""Tissues whose HU each case draws in one loop (the table's is drawn after every other value, so that
+adding it left the values of every earlier case unchanged)."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +60,18 @@ class PhantomCase:
 
 
 def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
-                shape_bank: ShapeBank | str | Path | None = None, coverage: str = "abdomen") -> PhantomCase:
+                shape_bank: ShapeBank | str | Path | None = None,
+                options: PhantomOptions | str | None = None) -> PhantomCase:
     """Render one case of ``site`` from ``seed`` at ``scale`` (1.0 = clinical voxel sizes; 0.5
     doubles every voxel side). The field of view is cropped to the body and, with the default
-    ``coverage``, from the lower kidney poles to just under the liver dome.
+    ``options``, from the lower kidney poles to just under the liver dome.
 
     ``shape_bank``: a folder of real pancreas masks (or a :class:`ShapeBank`): the pancreas is one of
     them, deformed and placed where the procedural one sits; None (default) = the procedural shape.
-    ``coverage``: "abdomen" (default) or "long" (lung bases to iliac crests, as a clinical abdominal
-    scan; ``coverage.py``)."""
+    ``options``: :class:`~dualssl.data.phantom.options.PhantomOptions` or a preset name
+    (``options.PRESETS``: "default", "clinical"): coverage, field of view and table, the pancreas'
+    surroundings and its interlobular fat. None = the defaults."""
+    options = phantom_options(options)
     profile = get_profile(site)
     if not (isinstance(scale, (int, float)) and 0.05 <= float(scale) <= 1.0):
         raise ValueError(f"scale={scale!r}: must lie in [0.05, 1.0] (1.0 = clinical voxel sizes, "
@@ -73,9 +81,9 @@ def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
     if shape_bank is not None and not isinstance(shape_bank, ShapeBank):
         shape_bank = ShapeBank(shape_bank)
     anatomy = sample_anatomy(np.random.default_rng(s_anat), profile.fatty_range, shape_bank,
-                             bank_rng(seed) if shape_bank is not None else None, coverage)
+                             bank_rng(seed) if shape_bank is not None else None, options)
     acq = _draw_acquisition(np.random.default_rng(s_acq), profile, anatomy)
-    grid, n_sub = _grids(anatomy, profile, acq, scale)
+    grid, n_sub = _grids(anatomy, profile, acq, scale, options.fov)
 
     fine = _fine_grid(grid, n_sub)
     labels = np.zeros(fine.shape, np.uint8)
@@ -106,10 +114,11 @@ def render_case(site: str | SiteProfile, seed: int, scale: float = 0.5,
         "oral_contrast": acq["oral"], "pancreas_fat_fraction": anatomy.pancreas.fat_fraction,
         "pancreas_length_mm": anatomy.pancreas.length_mm,
         "pancreas_ml": float(label.sum() * np.prod(grid.spacing) / 1000.0),
-        "tissue_hu": {t.name.lower(): acq["hu"][t] for t in _TISSUES},
+        "tissue_hu": {t.name.lower(): acq["hu"][t] for t in _DRAWN},
+        **options.changes(),
     }
-    if coverage != "abdomen":
-        info["coverage"] = coverage
+    if options.fov == "scanner":
+        info["tissue_hu"]["table"] = acq["hu"][Tissue.TABLE]
     if shape_bank is not None:
         info["pancreas_shape"] = f"bank:{anatomy.pancreas.shape.mask.name}"
         info["pancreas_bank_ml"] = anatomy.pancreas.shape.mask.volume_ml
@@ -121,7 +130,7 @@ def _draw_acquisition(rng: np.random.Generator, p: SiteProfile, anatomy: Anatomy
     u = lambda r: float(rng.uniform(*r))  # noqa: E731
     timing = rng.uniform()
     hu = {}
-    for t in _TISSUES:
+    for t in _DRAWN:
         lo, hi = hu_range(p.phase, t)
         w = float(np.clip(timing + rng.normal(0, 0.15), 0, 1))
         hu[t] = lo + w * (hi - lo)
@@ -131,7 +140,7 @@ def _draw_acquisition(rng: np.random.Generator, p: SiteProfile, anatomy: Anatomy
         for t in (Tissue.BOWEL_CONTENT, Tissue.STOMACH_CONTENT):
             hu[t] = oral_hu * float(rng.uniform(0.6, 1.0))
     size = anatomy.body.a / 160.0
-    return {
+    acq = {
         "pixel": round(u(p.pixel_mm), 4), "slice": float(rng.choice(p.slice_mm)),
         "hu_scale": u(p.hu_scale), "hu_offset": u(p.hu_offset),
         "noise": u(p.noise_hu) * float(np.clip(size, 0.85, 1.2)),
@@ -140,14 +149,20 @@ def _draw_acquisition(rng: np.random.Generator, p: SiteProfile, anatomy: Anatomy
         "shading": SmoothField.random(rng, 120.0, n_waves=4), "ring_phase": u((0.0, 2 * np.pi)),
         "streaks": rng.uniform([0, -60, -1], [np.pi, 60, 1], size=(6, 3)),  # angle, offset mm, sign
     }
+    hu[Tissue.TABLE] = u(hu_range(p.phase, Tissue.TABLE))
+    acq["fov_half"] = scanner_half_width(rng, anatomy.body.a, anatomy.body.b_post, p.fov_mm)
+    return acq
 
 
-def _grids(anatomy: Anatomy, p: SiteProfile, acq: dict, scale: float) -> tuple[Grid, int]:
-    """Stored grid (cropped to the body, the square FOV and any FOV circle) and sub-slices per slice."""
+def _grids(anatomy: Anatomy, p: SiteProfile, acq: dict, scale: float, fov: str = "body") -> tuple[Grid, int]:
+    """Stored grid (cropped to the body, or the patient's reconstructed square with ``fov="scanner"``;
+    within the site's square FOV and any FOV circle) and sub-slices per slice."""
     spacing = np.array([acq["pixel"], acq["pixel"], acq["slice"]]) / scale
     world = anatomy.outline() @ anatomy.rot.T + anatomy.shift
     wlo, whi = world.min(0) - _MARGIN_MM, world.max(0) + _MARGIN_MM
     half = p.fov_mm / 2 if not acq["fov_circle"] else min(p.fov_mm, acq["fov_circle"]) / 2
+    if fov == "scanner":
+        wlo[:2], whi[:2] = -acq["fov_half"], acq["fov_half"]
     wlo[:2], whi[:2] = np.maximum(wlo[:2], -half), np.minimum(whi[:2], half)
     # z: the crop of the anatomy (tilt moves it little); world z of the patient's axis
     wlo[2], whi[2] = anatomy.z_range[0] + anatomy.shift[2], anatomy.z_range[1] + anatomy.shift[2]

@@ -49,6 +49,8 @@ class Tissue(IntEnum):
     RENAL_VEIN = 31
     BOWEL_FLUID = 32
     """Bowel content that oral contrast has not reached (water-like in every case)."""
+    TABLE = 33
+    """The shells of the patient table (``fov="scanner"`` only; ``table.py``)."""
 
 
 PHASES = ("portal", "pancreatic", "native")
@@ -68,6 +70,7 @@ _SOFT = {  # same in every phase
     Tissue.BOWEL_CONTENT: (5, 30),
     Tissue.BOWEL_FLUID: (0, 25),
     Tissue.STOOL: (-40, 30),
+    Tissue.TABLE: (450, 750),  # thin: blur and 1.6 mm pixels bring its peak to the NIH scan's 130-200 HU
 }
 
 _PHASE = {
