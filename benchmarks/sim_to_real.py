@@ -1,6 +1,8 @@
 """Sim-to-real transfer: train on phantom sites only, segment the real NIH scan, measure.
 
     python benchmarks/sim_to_real.py --out /tmp/s2r                       # procedural phantom
+    python benchmarks/sim_to_real.py --out /tmp/s2r_c --preset clinical   # the clinical phantom preset
+    python benchmarks/sim_to_real.py --out /tmp/s2r_g --preset clinical --set data.domain_aug=gin
     python benchmarks/sim_to_real.py --out /tmp/s2r_bank --shape-bank ../shared/data/labels/msd_task07_pancreas
     python benchmarks/sim_to_real.py --out /tmp/s2r --reference           # + the same recipe on the NIH scan
     python benchmarks/sim_to_real.py --out /tmp/quick --steps 60 --cases-per-site 3 --scale 0.3   # a short run
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", default=None, help="around the pancreas: fat or packed")
     parser.add_argument("--pancreas-fat", type=float, default=None, help="factor on the sites' pancreatic fat")
     parser.add_argument("--phantom", type=Path, default=None, help="reuse this phantom dataset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override on top of the recipe, e.g. data.domain_aug=gin; repeatable")
     parser.add_argument("--reference", action="store_true", help="also train the recipe on the NIH scan")
     parser.add_argument("--no-phantom-run", action="store_true", help="only the --reference run")
     args = parser.parse_args(argv)
@@ -236,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sites = [s for s in args.sites.split(",") if s]
     overrides = recipe(args.recipe, args.steps, args.steps_per_epoch, args.seed)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not key or not _:
+            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. data.domain_aug=gin")
+        overrides[key.strip()] = value.strip()
+    Config().with_overrides(dict(overrides)).validate()     # a bad key or value fails here, before any work
     from dualssl.data.phantom.options import phantom_options
 
     options = phantom_options(args.preset, coverage=args.coverage, fov=args.fov, context=args.context,
