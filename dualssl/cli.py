@@ -126,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the choices are checked by PhantomOptions, whose errors name the field and its values
     p.add_argument("--preset", default=None, metavar="NAME",
                    help="phantom preset (dualssl.data.phantom.options.PRESETS): default, or clinical (long coverage, "
-                        "scanner field of view with the table, bowel packed around a lean pancreas); the flags "
-                        "below override its fields")
+                        "bowel packed around a lean pancreas); the flags below override its fields")
     p.add_argument("--coverage", default=None,
                    help="cranio-caudal extent: abdomen (default: kidney poles to liver dome) or long (lung bases to "
                         "iliac crests, as a clinical abdominal scan)")

@@ -63,8 +63,8 @@ def test_clinical_preset_is_deterministic_and_its_label_is_the_painted_pancreas(
     case = render_case("pv_standard", 11, SCALE, options="clinical")
     again = render_case("pv_standard", 11, SCALE, options=PHANTOM_PRESETS["clinical"])
     assert np.array_equal(case.image, again.image) and np.array_equal(case.label, again.label)
-    assert {k: case.info[k] for k in ("coverage", "fov", "context", "pancreas_fat")} == \
-        {"coverage": "long", "fov": "scanner", "context": "packed", "pancreas_fat": 0.0}
+    assert {k: case.info.get(k, "body") for k in ("coverage", "fov", "context", "pancreas_fat")} == \
+        {"coverage": "long", "fov": "body", "context": "packed", "pancreas_fat": 0.0}
     on_gland = (case.organs[case.label > 0] == Tissue.PANCREAS).mean()
     assert on_gland > 0.85, f"only {on_gland:.2f} of the label lies on painted pancreas"
 
@@ -110,8 +110,8 @@ def test_lean_pancreas_has_no_interlobular_fat(cases):
 
 
 def test_options_are_validated_by_field_and_presets_take_overrides():
-    assert phantom_options("clinical", fov="body", context=None) == PhantomOptions(
-        coverage="long", fov="body", context="packed", pancreas_fat=0.0)
+    assert phantom_options("clinical", fov="scanner", context=None) == PhantomOptions(
+        coverage="long", fov="scanner", context="packed", pancreas_fat=0.0)
     assert phantom_options(None) == PhantomOptions() and PhantomOptions().changes() == {}
     for kwargs, message in (({"fov": "wide"}, "fov='wide'.*body, scanner"),
                             ({"context": "loose"}, "context='loose'.*fat, packed"),
@@ -128,10 +128,10 @@ def test_options_are_validated_by_field_and_presets_take_overrides():
 def test_cli_preset_with_an_override_is_recorded(tmp_path, capsys):
     out = tmp_path / "p"
     assert cli_main(["phantom", "--out", str(out), "--sites", "native_thick", "--cases-per-site", "1",
-                     "--scale", "0.2", "--preset", "clinical", "--fov", "body"]) == 0
+                     "--scale", "0.2", "--preset", "clinical", "--fov", "scanner", "--context", "fat"]) == 0
     phantom = json.loads((out / "dataset.json").read_text())["phantom"]
     assert {k: phantom.get(k) for k in ("coverage", "fov", "context", "pancreas_fat")} == \
-        {"coverage": "long", "fov": None, "context": "packed", "pancreas_fat": 0.0}
+        {"coverage": "long", "fov": "scanner", "context": None, "pancreas_fat": 0.0}
     assert cli_main(["phantom", "--out", str(tmp_path / "q"), "--context", "loose"]) != 0
     assert "context='loose': choose one of fat, packed" in capsys.readouterr().err
     assert not (tmp_path / "q").exists(), "a bad option is refused before any folder is written"

@@ -89,8 +89,8 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     ``shape_bank``: a folder of real pancreas masks (``shape_bank.py``); each case's pancreas is one
     of them, deformed and placed in the anatomy. None (default): the procedural pancreas.
     ``options``: :class:`~dualssl.data.phantom.options.PhantomOptions` or a preset name ("default",
-    "clinical": long coverage, the scanner's field of view with the table, bowel loops packed around a
-    lean pancreas; about 3 times the voxels). None = the defaults.
+    "clinical": long coverage, bowel loops packed around a lean pancreas; about 1.6 times the voxels).
+    None = the defaults.
     ``progress``: a tqdm bar of the cases written (on stderr).
     """
     sites = list(SITE_PROFILES) if sites is None else list(sites)

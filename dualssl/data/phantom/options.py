@@ -3,8 +3,8 @@
 A site profile (``sites.py``) says how a scanner images; :class:`PhantomOptions` says how much of
 the patient is scanned and what surrounds the pancreas. The defaults are the phantom as it has
 always been (small, fast cases: every existing dataset is unchanged byte for byte). The
-``clinical`` preset is what a clinical abdominal scan such as NIH PANCREAS_0001 shows, measured
-against it in docs/PHANTOM.md ("Sim-to-real transfer").
+``clinical`` preset is closer to what a clinical abdominal scan such as NIH PANCREAS_0001 shows,
+measured against it in docs/PHANTOM.md ("Sim-to-real transfer").
 """
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ class PhantomOptions:
 
 PRESETS: dict[str, PhantomOptions] = {
     "default": PhantomOptions(),
-    "clinical": PhantomOptions(coverage="long", fov="scanner", context="packed", pancreas_fat=0.0),
+    "clinical": PhantomOptions(coverage="long", context="packed", pancreas_fat=0.0),
 }
-"""Named phantom presets (``dualssl phantom --preset NAME``; flags given beside it override its fields)."""
+"""Named phantom presets (``dualssl phantom --preset NAME``; flags given beside it override its fields).
+``clinical`` holds the options that improved transfer to the NIH scan (docs/PHANTOM.md); ``fov="scanner"``
+did not, so it stays out of the preset."""
 
 
 def phantom_options(spec: PhantomOptions | str | None = None, **overrides: object) -> PhantomOptions:
