@@ -197,6 +197,22 @@ def figure(real: Path, rows: dict[str, Path], out: Path) -> None:
     plt.close(fig)
 
 
+SUMMARY_KEYS = ("dice", "hd95_mm", "pred_ml", "centroid_mm", "soft_dice", "auroc", "mean_prob_in_label")
+
+
+def summarise_runs(runs: list[dict]) -> dict:
+    """Mean, sample sd, min and max over the runs of each NIH figure (and of the phantom validation Dice)."""
+    out = {}
+    for key in ("best_val_dice",) + SUMMARY_KEYS:
+        raw = [r[key] if key == "best_val_dice" else r["nih"][key] for r in runs]
+        vals = np.array([np.nan if v is None else v for v in raw], float)   # no centroid: nothing predicted
+        vals = vals[np.isfinite(vals)]
+        if len(vals):
+            out[key] = {"mean": round(float(vals.mean()), 4), "sd": round(float(vals.std(ddof=1)), 4) if len(vals) > 1
+                        else None, "min": round(float(vals.min()), 4), "max": round(float(vals.max()), 4), "n": len(vals)}
+    return out
+
+
 def reference_list(real: Path, out: Path) -> Path:
     """A one-case list: the NIH scan (as two entries via symlinks in ``out``: one trains, one validates)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -223,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--steps-per-epoch", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                        help="train once per training seed (same phantom) and report each run and their mean and "
+                             "sd: a single run cannot rank phantoms (CPU training is not bit-reproducible)")
     parser.add_argument("--shape-bank", type=Path, default=None, help="real pancreas masks for the phantom")
     parser.add_argument("--preset", default="default", help="phantom preset (options.PRESETS): default or clinical")
     parser.add_argument("--coverage", default=None, help="phantom cranio-caudal coverage: abdomen or long")
@@ -240,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sites = [s for s in args.sites.split(",") if s]
     overrides = recipe(args.recipe, args.steps, args.steps_per_epoch, args.seed)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 2022,1,2")
     for item in args.set:
         key, _, value = item.partition("=")
         if not key or not _:
@@ -267,10 +290,18 @@ def main(argv: list[str] | None = None) -> int:
             report["phantom"]["generate_s"] = round(time.perf_counter() - start, 1)
         report["appearance"] = appearance(root, args.real)
         print(json.dumps({"appearance": report["appearance"]}), flush=True)
-        model, facts = train(root, sites, overrides, args.out / "run")
-        report["phantom_run"] = {**facts, **evaluate_real(model, args.real, args.out / "pred")}
-        preds["trained on phantom"] = args.out / "pred" / "nih_pred.nii.gz"
-        print(json.dumps(report["phantom_run"]), flush=True)
+        runs = []
+        for seed in seeds:
+            tag = "" if len(seeds) == 1 else f"_s{seed}"
+            model, facts = train(root, sites, {**overrides, "optim.seed": seed}, args.out / f"run{tag}")
+            runs.append({"seed": seed, **facts, **evaluate_real(model, args.real, args.out / f"pred{tag}")})
+            preds[f"trained on phantom{' (seed %d)' % seed if tag else ''}"] = args.out / f"pred{tag}" / "nih_pred.nii.gz"
+            print(json.dumps(runs[-1]), flush=True)
+        report["phantom_run"] = runs[0]
+        if len(runs) > 1:
+            report["phantom_runs"] = runs
+            report["phantom_summary"] = summarise_runs(runs)
+            print(json.dumps({"phantom_summary": report["phantom_summary"]}), flush=True)
     if args.reference:
         ref_root = reference_list(args.real, args.out / "nih_list")
         model, facts = train(ref_root, ["nih"], overrides, args.out / "reference")
