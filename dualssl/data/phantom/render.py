@@ -18,8 +18,8 @@ from scipy import ndimage
 from dualssl.data.phantom.anatomy import Anatomy, sample_anatomy
 from dualssl.data.phantom.fields import SmoothField, field_on_axes, noise_texture
 from dualssl.data.phantom.grid import Grid
-from dualssl.data.phantom.shape_bank import ShapeBank, bank_rng
 from dualssl.data.phantom.options import PhantomOptions, phantom_options
+from dualssl.data.phantom.shape_bank import ShapeBank, bank_rng
 from dualssl.data.phantom.sites import SiteProfile, get_profile
 from dualssl.data.phantom.table import scanner_half_width
 from dualssl.data.phantom.tissues import (ORAL_CONTRAST_HU, SPLEEN_ARTERIAL_TEXTURE_HU, TEXTURE_HU, Tissue,
