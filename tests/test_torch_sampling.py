@@ -396,7 +396,9 @@ def test_the_device_step_runs_on_the_meta_device():
 @pytest.mark.slow
 def test_one_step_fit_with_compile_gives_a_finite_loss(phantom_root, tmp_path):
     """``optim.compile``: the training forwards run through torch.compile (Inductor's CPU backend needs
-    a C++ compiler); the eager ``trainer.net`` shares the weights and serves validation."""
+    a C++ compiler); the eager ``trainer.net`` shares the weights and serves validation. Restoration is
+    off: its crop is a second input size, a second graph to compile, which doubles a cold compile here
+    (111 s against 65 s on 2 cores); benchmarks/step_cost.py --compile measures the full dual step."""
     if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         pytest.skip("torch.compile's CPU backend (Inductor) needs a C++ compiler (g++, c++ or clang++) on PATH")
     from dualssl.config import Config
@@ -404,7 +406,8 @@ def test_one_step_fit_with_compile_gives_a_finite_loss(phantom_root, tmp_path):
 
     cfg = Config().with_overrides({"model.widths": "8,16,32,64", "data.spacing": "3,3,4", "data.patch_size": "32,32,16",
                                    "data.batch_size": 1, "data.samples_per_volume": 1, "optim.epochs": 1,
-                                   "optim.steps_per_epoch": 1, "optim.compile": True, "eval.sw_batch_size": 4})
+                                   "optim.steps_per_epoch": 1, "optim.compile": True, "eval.sw_batch_size": 4,
+                                   "loss.lambda_rec": 0.0})
     cfg.data.root, cfg.data.source_sites = str(phantom_root), ["pv_standard"]
     cfg.data.cache_dir = str(tmp_path / "cache")
     trainer = Trainer(cfg.validate())
@@ -413,4 +416,4 @@ def test_one_step_fit_with_compile_gives_a_finite_loss(phantom_root, tmp_path):
     assert trainer.model is not trainer.net and getattr(trainer.model, "_orig_mod", None) is trainer.net
     metrics = trainer.train_epoch(0)
     assert metrics["steps"] == 1 and metrics["nonfinite_steps"] == 0
-    assert all(math.isfinite(metrics[k]) for k in ("loss", "loss_seg", "loss_con", "loss_rec"))
+    assert all(math.isfinite(metrics[k]) for k in ("loss", "loss_seg", "loss_con"))
