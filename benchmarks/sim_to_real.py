@@ -163,8 +163,8 @@ def evaluate_real(model: Path, real: Path, out: Path) -> dict:
                                    "note": "agreement with a model's prediction, not accuracy"}}
 
 
-def figure(real: Path, rows: dict[str, Path], out: Path) -> None:
-    """Axial NIH slice through the pancreas (largest label slice): manual label and each run's outline."""
+def figure(real: Path, rows: dict[str, Path], out: Path, z: int | None = None) -> None:
+    """Axial NIH slice ``z`` (default: the largest label slice): manual label and each run's outline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,14 +172,17 @@ def figure(real: Path, rows: dict[str, Path], out: Path) -> None:
 
     ct = nib.as_closest_canonical(nib.load(real / NIH / "ct.nii.gz"))
     lab = np.asarray(nib.as_closest_canonical(nib.load(real / NIH / "pancreas.nii.gz")).dataobj) > 0
-    z = int(np.argmax(lab.sum((0, 1))))
+    largest = int(np.argmax(lab.sum((0, 1))))
+    z = largest if z is None else int(z)
     img = np.asarray(ct.dataobj[:, :, z], np.float32)
-    ys, xs = np.nonzero(lab[:, :, z])
-    box = (slice(max(xs.min() - 90, 0), xs.max() + 90), slice(max(ys.min() - 90, 0), ys.max() + 90))
     colours = ["tab:red", "tab:orange", "tab:cyan", "tab:purple"]
     fig, ax = plt.subplots(figsize=(7, 6))
-    # RAS array: show with anterior up and patient right on the left (radiological view)
-    view = lambda a: np.flipud(a[::-1, :].T)[box[1], box[0]]  # noqa: E731
+    # RAS array: show with anterior up and patient right on the left (radiological view), cropped to
+    # 90 pixels around the label in that view's rows and columns
+    radiological = lambda a: np.flipud(a[::-1, :].T)  # noqa: E731
+    rows_, cols_ = np.nonzero(radiological(lab[:, :, z]))
+    box = (slice(max(rows_.min() - 90, 0), rows_.max() + 90), slice(max(cols_.min() - 90, 0), cols_.max() + 90))
+    view = lambda a: radiological(a)[box]  # noqa: E731
     ax.imshow(view(img), cmap="gray", vmin=-160, vmax=240)
     ax.contour(view(lab[:, :, z].astype(float)), levels=[0.5], colors="lime", linewidths=1.5)
     handles = [plt.Line2D([], [], color="lime", label="manual label")]
@@ -188,9 +191,9 @@ def figure(real: Path, rows: dict[str, Path], out: Path) -> None:
         if pred.any():
             ax.contour(view(pred.astype(float)), levels=[0.5], colors=colour, linewidths=1.2)
         handles.append(plt.Line2D([], [], color=colour, label=name))
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.legend(handles=handles, loc="upper left", fontsize=8)  # the air in front of the body
     ax.set_axis_off()
-    ax.set_title(f"NIH PANCREAS_0001, axial slice {z} (largest label area)", fontsize=9)
+    ax.set_title(f"NIH PANCREAS_0001, axial slice {z}" + (" (largest label area)" if z == largest else ""), fontsize=9)
     fig.text(0.01, 0.01, f"Data: {ATTRIBUTION}", fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
