@@ -17,11 +17,11 @@ import numpy as np
 from dualssl.data.phantom.coverage import crop_range, heart, iliac_wings
 from dualssl.data.phantom.fields import SmoothField
 from dualssl.data.phantom.options import CONTEXTS, BowelClearance, PhantomOptions
-from dualssl.data.phantom.table import table
 from dualssl.data.phantom.painters import BowelLoops, Hollow, Paint
 from dualssl.data.phantom.shape_bank import place_bank_pancreas
 from dualssl.data.phantom.shapes import (Ellipsoid, Intersect, Section, SoftUnion, Subtract, Tube,
                                          Where, rotation)
+from dualssl.data.phantom.table import table
 from dualssl.data.phantom.tissues import Tissue as T
 
 CAVITY = (T.VISCERAL_FAT, T.BOWEL_WALL, T.BOWEL_CONTENT, T.BOWEL_FLUID, T.GAS, T.COLON_WALL, T.STOOL)
@@ -211,7 +211,7 @@ def sample_anatomy(rng: np.random.Generator, fatty_range: tuple[float, float] = 
                                  lambda x, y, z: np.ones(x.shape, bool))])
     n_cand = round(1500 * (40 - c_lo) / (40 - z_lo))   # candidate density as in the abdominal crop
     painters.insert(bowel_at, _bowel(rng, zone, up, _u(rng, 18, 24), avoid=ptube, n_candidates=n_cand,
-                                         clearance=clear))
+                                     clearance=clear))
     head_i = int(np.argmin(np.abs(pancreas.region_s - 0.18)))
     head = ptube.points[head_i]
     r_head = float(ptube.radii[head_i])
