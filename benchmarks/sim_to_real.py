@@ -31,6 +31,7 @@ figure. Data: NIH Pancreas-CT, Roth et al., TCIA 2016, doi:10.7937/K9/TCIA.2016.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"recipe": {"scale": args.recipe, **overrides},
                     "phantom": {"sites": sites, "cases_per_site": args.cases_per_site, "scale": args.scale,
                                 "shape_bank": str(args.shape_bank) if args.shape_bank else None,
-                                "options": options.to_dict()},
+                                "options": dataclasses.asdict(options)},
                     "load_average": os.getloadavg()[0]}
     preds: dict[str, Path] = {}
     if not args.no_phantom_run:

@@ -9,7 +9,7 @@ measured against it in docs/PHANTOM.md ("Sim-to-real transfer").
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from dualssl.data.phantom.coverage import check_coverage
 from dualssl.data.phantom.table import check_fov
@@ -71,9 +71,6 @@ class PhantomOptions:
         default = PhantomOptions()
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 PRESETS: dict[str, PhantomOptions] = {
     "default": PhantomOptions(),
@@ -102,4 +99,4 @@ def phantom_options(spec: PhantomOptions | str | None = None, **overrides: objec
     if unknown:
         raise ValueError(f"phantom options: unknown field(s) {', '.join(sorted(unknown))}; known: "
                          f"{', '.join(f.name for f in fields(PhantomOptions))}")
-    return PhantomOptions(**{**base.to_dict(), **given})
+    return replace(base, **given)
