@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dualssl.cli import add_phantom_option_flags, phantom_options_from_args  # noqa: E402
 from dualssl.config import Config  # noqa: E402
 from dualssl.recipes import SCALES  # noqa: E402
 
@@ -114,24 +115,17 @@ def measure(pred_path: Path, label_path: Path) -> dict:
 
 def graded(model: Path, scan: Path, label_path: Path) -> dict:
     """Soft Dice, AUROC and mean probability inside the label of the net's foreground probability, on
-    the net's own preprocessed grid (the label resampled onto it): these still rank phantoms when every
-    hard mask scores Dice 0."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
+    the net's own preprocessed grid (the label brought there by the same preprocessing, nearest
+    neighbour): these still rank phantoms when every hard mask scores Dice 0."""
+    from dualssl.data.transforms import preprocess_transforms
     from dualssl.evaluation.inference import Predictor
     from dualssl.evaluation.metrics import probability_metrics
     from dualssl.export import load_model
 
     net, cfg = load_model(model)
-    predictor = Predictor(net, cfg, "cpu")
-    image = predictor.preprocess({"image": str(scan)})["image"]
-    prob = predictor.predict_probs(image, tta=False)[1].numpy()
-    lab = nib.load(label_path)
-    lab_t = MetaTensor(torch.as_tensor(np.asarray(lab.dataobj, np.float32)[None]), affine=torch.as_tensor(lab.affine))
-    on_grid = SpatialResample(mode="bilinear")(lab_t, dst_affine=image.affine, spatial_size=image.shape[1:])[0]
-    return {k: round(v, 4) for k, v in probability_metrics(prob, on_grid.numpy() > 0.5).items()}
+    case = preprocess_transforms(cfg.data)({"image": str(scan), "label": str(label_path)})
+    prob = Predictor(net, cfg, "cpu").predict_probs(case["image"], tta=False)[1].numpy()
+    return {k: round(v, 4) for k, v in probability_metrics(prob, case["label"][0].numpy() > 0).items()}
 
 
 def appearance(root: Path | None, real: Path) -> dict:
@@ -247,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train once per training seed (same phantom) and report each run and their mean and "
                              "sd: a single run cannot rank phantoms (CPU training is not bit-reproducible)")
     parser.add_argument("--shape-bank", type=Path, default=None, help="real pancreas masks for the phantom")
-    parser.add_argument("--preset", default="default", help="phantom preset (options.PRESETS): default or clinical")
-    parser.add_argument("--coverage", default=None, help="phantom cranio-caudal coverage: abdomen or long")
-    parser.add_argument("--fov", default=None, help="phantom field of view: body or scanner (with the table)")
-    parser.add_argument("--context", default=None, help="around the pancreas: fat or packed")
-    parser.add_argument("--pancreas-fat", type=float, default=None, help="factor on the sites' pancreatic fat")
+    add_phantom_option_flags(parser)
     parser.add_argument("--phantom", type=Path, default=None, help="reuse this phantom dataset")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the recipe, e.g. data.domain_aug=gin; repeatable")
@@ -273,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. data.domain_aug=gin")
         overrides[key.strip()] = value.strip()
     Config().with_overrides(dict(overrides)).validate()     # a bad key or value fails here, before any work
-    from dualssl.data.phantom.options import phantom_options
-
-    options = phantom_options(args.preset, coverage=args.coverage, fov=args.fov, context=args.context,
-                              pancreas_fat=args.pancreas_fat)
+    options = phantom_options_from_args(args)
     report: dict = {"recipe": {"scale": args.recipe, **overrides},
                     "phantom": {"sites": sites, "cases_per_site": args.cases_per_site, "scale": args.scale,
                                 "shape_bank": str(args.shape_bank) if args.shape_bank else None,

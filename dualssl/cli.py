@@ -12,13 +12,37 @@ import sys
 from pathlib import Path
 
 
+def add_phantom_option_flags(parser: argparse.ArgumentParser) -> None:
+    """``--preset`` and the ``PhantomOptions`` field flags (shared with benchmarks/sim_to_real.py)."""
+    # the choices are checked by PhantomOptions, whose errors name the field and its values
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="phantom preset (dualssl.data.phantom.options.PRESETS): default, or clinical (long "
+                             "coverage, bowel packed around a lean pancreas); the flags below override its fields")
+    parser.add_argument("--coverage", default=None,
+                        help="cranio-caudal extent: abdomen (default: kidney poles to liver dome) or long (lung "
+                             "bases to iliac crests, as a clinical abdominal scan)")
+    parser.add_argument("--fov", default=None,
+                        help="in-plane field of view: body (default: cropped to the body) or scanner (the "
+                             "reconstructed square, with air and the table)")
+    parser.add_argument("--context", default=None,
+                        help="around the pancreas: fat (default: a fat plane) or packed (bowel loops abut it)")
+    parser.add_argument("--pancreas-fat", type=float, default=None, metavar="FACTOR",
+                        help="factor on the site's interlobular fat of the pancreas (default 1; 0 = a lean gland)")
+
+
+def phantom_options_from_args(args: argparse.Namespace):
+    """The ``PhantomOptions`` of the flags above: the preset with the given fields overridden."""
+    from dualssl.data.phantom.options import phantom_options
+
+    return phantom_options(args.preset, coverage=args.coverage, fov=args.fov, context=args.context,
+                           pancreas_fat=args.pancreas_fat)
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from dualssl.data.phantom import generate_dataset, generate_sweep_dataset
-    from dualssl.data.phantom.options import phantom_options
     from dualssl.data.phantom.sweeps import parse_sweep_spec
 
-    options = phantom_options(args.preset, coverage=args.coverage, fov=args.fov, context=args.context,
-                              pancreas_fat=args.pancreas_fat)
+    options = phantom_options_from_args(args)
 
     if args.sweep:
         if args.sites:
@@ -123,20 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-bank", type=Path, default=None, metavar="DIR",
                    help="folder of real pancreas masks (e.g. the MSD Task07 labels): each case's pancreas is one "
                         "of them, deformed and placed in the anatomy (default: the procedural pancreas)")
-    # the choices are checked by PhantomOptions, whose errors name the field and its values
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="phantom preset (dualssl.data.phantom.options.PRESETS): default, or clinical (long coverage, "
-                        "bowel packed around a lean pancreas); the flags below override its fields")
-    p.add_argument("--coverage", default=None,
-                   help="cranio-caudal extent: abdomen (default: kidney poles to liver dome) or long (lung bases to "
-                        "iliac crests, as a clinical abdominal scan)")
-    p.add_argument("--fov", default=None,
-                   help="in-plane field of view: body (default: cropped to the body) or scanner (the reconstructed "
-                        "square, with air and the table)")
-    p.add_argument("--context", default=None,
-                   help="around the pancreas: fat (default: a fat plane) or packed (bowel loops abut it)")
-    p.add_argument("--pancreas-fat", type=float, default=None, metavar="FACTOR",
-                   help="factor on the site's interlobular fat of the pancreas (default 1; 0 = a lean gland)")
+    add_phantom_option_flags(p)
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("verify-dataset", help="report every problem of a dataset at once")

@@ -63,8 +63,10 @@ def test_clinical_preset_is_deterministic_and_its_label_is_the_painted_pancreas(
     case = render_case("pv_standard", 11, SCALE, options="clinical")
     again = render_case("pv_standard", 11, SCALE, options=PHANTOM_PRESETS["clinical"])
     assert np.array_equal(case.image, again.image) and np.array_equal(case.label, again.label)
-    assert {k: case.info.get(k, "body") for k in ("coverage", "fov", "context", "pancreas_fat")} == \
-        {"coverage": "long", "fov": "body", "context": "packed", "pancreas_fat": 0.0}
+    # the case records the fields that differ from the defaults, and only those (fov stays "body")
+    assert {k: case.info[k] for k in ("coverage", "context", "pancreas_fat")} == \
+        {"coverage": "long", "context": "packed", "pancreas_fat": 0.0}
+    assert "fov" not in case.info
     on_gland = (case.organs[case.label > 0] == Tissue.PANCREAS).mean()
     assert on_gland > 0.85, f"only {on_gland:.2f} of the label lies on painted pancreas"
 
