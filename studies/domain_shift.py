@@ -313,7 +313,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     from studies import trainable as trainable_mod
     from studies.shift_table import CASE_COLUMNS, collect, write_csv
     from studies.pending_writes import JOURNAL_NAME
-    from studies.tracking import TrialRuns, git_revision, result_loggers, start_parent_run
+    from studies.tracking import TrialRuns, default_tracking, git_revision, result_loggers, start_parent_run
     from studies.tune import cluster_nodes, connect, default_workers
 
     started = time.time()
@@ -322,7 +322,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     # 2. Data: the given dataset or a phantom (with its severity sweep) made once in the study folder.
     cfg.data.root = str(ensure_data(args, plan))
     _, sweeps = dataset_sites(Path(cfg.data.root))
-    tracking_uri = args.mlflow_tracking_uri or f"sqlite:///{plan.study_dir / 'mlflow.db'}"
+    tracking_uri, artifact_location = default_tracking(plan.study_dir, args.mlflow_tracking_uri)
 
     # 3. Ray and resources.
     connect(args.address, log_to_driver=args.verbose)
@@ -346,7 +346,8 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             "source_sites": ",".join(plan.source_sites)}
     parent = start_parent_run(tracking_uri, plan.experiment, f"domain-shift-{plan.experiment}", tags,
                               {"cells": len(plan.cells), **{f"arm.{a}": json.dumps(v) for a, v in plan.arms.items()},
-                               **asdict(resources)}, run_id=previous.get("parent_run_id"))
+                               **asdict(resources)}, run_id=previous.get("parent_run_id"),
+                              artifact_location=artifact_location)
     manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,

@@ -16,7 +16,9 @@ needs ``psutil`` (not a dependency) and samples only the host of the process tha
 which for these driver-written runs is the driver's node, not where the trials train.
 
 MLflow 3 stores runs in a database by default; the default tracking URI of a study is a sqlite
-file in the study folder (``sqlite:////abs/study/mlflow.db``), and clusters use a server
+file in the study folder (``sqlite:////abs/study/mlflow.db``), with its artifacts beside it in
+``study/mlartifacts`` (:func:`default_tracking`; a sqlite store would otherwise put them in
+``./mlruns`` of whatever folder the driver was started from), and clusters use a server
 (``cluster/mlflow.yaml``).
 """
 
@@ -124,16 +126,32 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int = 0, tim
         client.log_batch(run_id, metrics=chunk)
 
 
+def default_tracking(study_dir: Path, tracking_uri: str | None) -> tuple[str, str | None]:
+    """``(tracking URI, artifact location for a new experiment)``: the given URI as it is (its server
+    or store decides where artifacts go), else the sqlite file and ``mlartifacts`` of the study folder."""
+    if tracking_uri:
+        return tracking_uri, None
+    return f"sqlite:///{study_dir / 'mlflow.db'}", (study_dir / "mlartifacts").as_uri()
+
+
 def start_parent_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
-                     params: dict[str, Any], run_id: str | None = None) -> str:
+                     params: dict[str, Any], run_id: str | None = None, artifact_location: str | None = None) -> str:
     """Create (or reopen, with ``run_id``) the study's parent run; returns its id. The study's first
-    MLflow call: from here on the driver's HTTP retries are short (``pending_writes.client_defaults``)."""
+    MLflow call: from here on the driver's HTTP retries are short (``pending_writes.client_defaults``).
+    ``artifact_location`` applies when the experiment is new (an existing one keeps its own)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from studies.pending_writes import client_defaults
 
     client_defaults()
     mlflow.set_tracking_uri(tracking_uri)
+    if artifact_location and mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        except MlflowException as exc:  # another driver created it first
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     exp = mlflow.set_experiment(experiment)
     client = mlflow.MlflowClient(tracking_uri)
     if run_id is None:

@@ -100,6 +100,8 @@ def test_smoke_study_gives_one_run_per_cell_and_a_report(phantom_root, tmp_path)
     assert float(children[0].data.params["loss.lambda_con"]) in (0.0, 0.1)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/report.md"} <= logged
+    # the sqlite default keeps the artifacts in the study folder, not in the driver's ./mlruns
+    assert parent.info.artifact_uri.startswith((study / "mlartifacts").as_uri()), parent.info.artifact_uri
 
     # The case table: every cell scored every case of the unseen sites and its source validation.
     with open(study / "cases.csv", newline="") as fh:
