@@ -74,6 +74,13 @@ def format_table(trials: list[dict], manifest: dict) -> str:
     summed = study_fractions(trials)
     lines.append(f"{'all':>12s} {'':>20s} {summed['trial_s']:7.1f} "
                  + " ".join(f"{summed[f'{p}_frac']:10.3f}" for p in PHASES))
+    split = [t for t in trials if "time/startup_workers_s" in t]
+    if split:
+        workers = sum(t["time/startup_workers_s"] for t in split) / len(split)
+        setup = sum(t["time/startup_setup_s"] for t in split) / len(split)
+        lines.append(f"start-up of a trial (mean of {len(split)}): {workers:.1f} s to rank 0's train loop "
+                     f"(Train controller, worker group, process group, imports) + {setup:.1f} s of set-up "
+                     "(data, model, DDP) to the first step")
     wall = float(manifest.get("wall_time_s") or 0.0)
     driver = sum(t.get("driver_eval_s") or 0.0 for t in trials)
     lines.append(f"study wall time {wall:.0f} s; {len(trials)} trials -> {len(trials) / wall * 3600:.1f} trials/hour; "

@@ -9,6 +9,10 @@ rest from the engine's epoch history (``dualssl.engine.fit.Trainer.run`` records
     fit_done ── cross-site evaluation ── eval_done ── (artifacts) ── ended
 
 * ``startup``: Ray Train's controller and worker group, process start, data (cache) and model set-up;
+  with the moment rank 0 entered the train loop it splits into ``startup_workers`` (controller,
+  placement group, worker processes, their process group and the import of the train loop) and
+  ``startup_setup`` (data, model, DDP wrap, up to the first step), reported as ``time/<part>_s``
+  beside the phases (not one of them);
 * ``checkpoint``: the epoch callbacks (checkpoint written, ``ray.train.report``), plus the tail after
   the last epoch (its checkpoint, the worker group's shutdown): a checkpoint holds every epoch's
   ``callback_time_s`` but its own;
@@ -34,14 +38,17 @@ def _own_epochs(history: Iterable[Mapping[str, Any]], started: float) -> list[Ma
 
 
 def time_breakdown(history: Iterable[Mapping[str, Any]], started: float, fit_done: float,
-                   eval_done: float, ended: float) -> dict[str, float]:
+                   eval_done: float, ended: float, loop_started: float | None = None) -> dict[str, float]:
     """``time/<phase>_s`` and ``time/<phase>_frac`` for :data:`PHASES`, ``time/trial_s``,
-    ``time/steps`` and ``time/steps_per_s`` (training steps per second of step time).
+    ``time/steps`` and ``time/steps_per_s`` (training steps per second of step time), and the
+    start-up's two parts ``time/startup_workers_s`` and ``time/startup_setup_s`` when
+    ``loop_started`` falls inside it.
 
     Args:
         history: the engine's per-epoch metrics (from the trial's last checkpoint).
         started, fit_done, eval_done, ended: ``time.time()`` at the trial function's start, after
             ``TorchTrainer.fit()``, after the cross-site evaluation, and before the final report.
+        loop_started: ``time.time()`` when rank 0 of the last worker group entered the train loop.
     """
     own = _own_epochs(history, started)
     train = sum(float(h.get("train_time_s", 0.0)) for h in own)
@@ -64,6 +71,9 @@ def time_breakdown(history: Iterable[Mapping[str, Any]], started: float, fit_don
     out["time/trial_s"] = float(total)
     out["time/steps"] = steps
     out["time/steps_per_s"] = steps / train if train > 0 else math.nan
+    if own and loop_started is not None and started <= loop_started <= started + startup:
+        out["time/startup_workers_s"] = float(loop_started - started)
+        out["time/startup_setup_s"] = float(started + startup - loop_started)
     return out
 
 

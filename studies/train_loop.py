@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ ASHA_KEY = "asha_score"
 where it was measured, NaN at the others and at the last epoch (a trial that trained to the end
 is never cut). Tune requires the key in every result; ``studies.tune.MeasuredASHA`` skips the NaNs
 (Ray's ASHA would record a NaN at the rung, which exempts the trial from that rung's cut)."""
+LOOP_START_KEY = "loop_start_unix"
+"""``time.time()`` when rank 0 entered the train loop: splits a trial's start-up (studies/throughput.py)."""
 
 
 class RayTrainer(Trainer):
@@ -75,8 +78,9 @@ class RayReport(Callback):
     """Report every epoch's metrics to Ray Train; rank 0 attaches the engine's checkpoint."""
 
     def __init__(self, resumed_from_epoch: int = 0, fail_at_epoch: int | None = None,
-                 fail_marker: str | None = None):
+                 fail_marker: str | None = None, loop_started: float | None = None):
         self.resumed_from_epoch = resumed_from_epoch
+        self.loop_started = loop_started
         self.fail_at_epoch = fail_at_epoch
         self.fail_marker = fail_marker
 
@@ -97,6 +101,8 @@ class RayReport(Callback):
         out["best_epoch"] = trainer.best_epoch
         out["resumed_from_epoch"] = self.resumed_from_epoch
         out["world_size"] = trainer.world_size
+        if self.loop_started is not None:
+            out[LOOP_START_KEY] = self.loop_started
         return out
 
     def on_epoch_end(self, trainer, epoch, metrics, state_fn):
@@ -142,6 +148,7 @@ def restore_state() -> dict[str, Any] | None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config`` = {"cfg": Config.to_dict(), "threads", "fail_at_epoch", "fail_marker"}."""
     # 1. Unpack the config.
+    loop_started = time.time()
     cfg = Config.from_dict(config["cfg"]).validate()
     threads = int(config.get("threads", 0))
     fail_at_epoch = config.get("fail_at_epoch")
@@ -156,6 +163,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = int(state["epoch"]) if state else 0
 
     # 4. Train: the engine's loop, DDP-wrapped, reporting every epoch.
-    report = RayReport(resumed, fail_at_epoch, fail_marker)
+    report = RayReport(resumed, fail_at_epoch, fail_marker, loop_started)
     fit(cfg, callbacks=[report], resume_from=state, trainer_cls=RayTrainer,
         device=ray.train.torch.get_device())

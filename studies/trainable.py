@@ -28,7 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from dualssl.config import Config, ConfigError
 from studies.crosssite import flat_metrics, remote_evaluate
 from studies.throughput import time_breakdown
-from studies.train_loop import ASHA_KEY, SCORE_KEY, train_loop_per_worker
+from studies.train_loop import ASHA_KEY, LOOP_START_KEY, SCORE_KEY, train_loop_per_worker
 
 FINAL_KEY = "final"
 """1.0 in the last result of a trial that finished training and its cross-site evaluation."""
@@ -244,5 +244,6 @@ def train_func(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="dualssl-trial-") as tmp:
         write_artifacts(Path(tmp), cfg, history, outcome["files"], info)
         # where the trial's time went (studies/throughput.py), as time/* metrics of its result and run
-        final.update(time_breakdown(history, started, fit_done, eval_done, time.time()))
+        final.update(time_breakdown(history, started, fit_done, eval_done, time.time(),
+                                    (result.metrics or {}).get(LOOP_START_KEY)))
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))

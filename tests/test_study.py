@@ -241,6 +241,13 @@ def test_smoke_study_logs_each_trial_once_with_its_cross_site_numbers(smoke_stud
     for m in timed:
         parts = ("startup", "train", "validation", "checkpoint", "crosssite", "other")
         assert abs(sum(m[f"time/{p}_frac"] for p in parts) - 1.0) < 1e-6
+    # the start-up split at the train loop's entry (all but the killed trial, whose last worker group
+    # started after its first epoch)
+    split = [m for m in timed if "time/startup_workers_s" in m]
+    assert len(split) >= len(timed) - 1
+    for m in split:
+        assert m["time/startup_workers_s"] > 0 and m["time/startup_setup_s"] > 0
+        assert m["time/startup_workers_s"] + m["time/startup_setup_s"] == pytest.approx(m["time/startup_s"])
 
 
 @pytest.mark.slow

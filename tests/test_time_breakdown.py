@@ -31,6 +31,16 @@ def test_time_breakdown_matches_the_timeline_by_hand():
     assert out["time/trial_s"] == 40.0
     assert out["time/steps"] == 20 and out["time/steps_per_s"] == pytest.approx(2.0)
     assert sum(out[f"time/{p}_frac"] for p in PHASES) == pytest.approx(1.0)
+    assert "time/startup_workers_s" not in out  # no loop start given
+
+
+def test_startup_splits_at_the_train_loop_start():
+    # the worker group's rank 0 entered the train loop at 1007.5: 7.5 s of Ray start-up, 4.5 s of set-up
+    out = time_breakdown(HISTORY, 1000.0, 1029.5, 1039.5, 1040.0, loop_started=1007.5)
+    assert out["time/startup_workers_s"] == pytest.approx(7.5) and out["time/startup_setup_s"] == pytest.approx(4.5)
+    assert out["time/startup_s"] == pytest.approx(12.0)
+    # a loop start outside the start-up (a stale stamp) splits nothing
+    assert "time/startup_workers_s" not in time_breakdown(HISTORY, 1000.0, 1029.5, 1039.5, 1040.0, loop_started=1015.0)
 
 
 def test_epoch_breakdown_of_a_stopped_trial_and_study_fractions():
