@@ -24,10 +24,11 @@ Each unseen site's cases are split once (``dualssl.data.datalist.split_selection
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -66,6 +67,18 @@ def evaluation_parts(cfg: Config) -> dict[str, list]:
             "selection": flatten(selection)}
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (0: left as they are), then restored."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: str | None = None,
                         threads: int = 0) -> dict[str, Any]:
     """Evaluate a Ray Train checkpoint (folder with ``checkpoint.pt``) on source validation and unseen sites.
@@ -81,34 +94,35 @@ def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: s
     from dualssl.models import SegmentationNet, build_model
     from studies.train_loop import CHECKPOINT_FILE
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if isinstance(checkpoint, (str, Path)):
-        state = load_checkpoint(Path(checkpoint) / CHECKPOINT_FILE)
-    else:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    cfg = Config.from_dict(state["config"])
-    net = build_model(cfg.model)
-    net.load_state_dict(state["model"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
-    parts = evaluation_parts(cfg)
-    sources = cfg.data.source_sites
-    files: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="dualssl-eval-") as tmp:
-        summary = evaluate_cases(predictor, parts["source"] + parts["report"], cfg, Path(tmp) / "report",
-                                 sources, meta={"part": "source validation + unseen report part"})
-        files.update({p.name: p.read_bytes() for p in (Path(tmp) / "report").iterdir() if p.is_file()})
-        if parts["selection"]:
-            oracle = evaluate_cases(predictor, parts["selection"], cfg, Path(tmp) / "oracle", sources,
-                                    meta={"part": "unseen selection part (oracle)"})
-            files.update({f"oracle_{p.name}": p.read_bytes() for p in (Path(tmp) / "oracle").iterdir()
-                          if p.is_file()})
+    # torch's thread count is global to the process: a Ray task owns its process, but a caller
+    # of this function (a test, a notebook) keeps its own setting afterwards
+    with torch_threads(threads):
+        if isinstance(checkpoint, (str, Path)):
+            state = load_checkpoint(Path(checkpoint) / CHECKPOINT_FILE)
         else:
-            oracle = summarise([], sources)
-    summary["oracle"] = {"per_site": oracle["per_site"], "across_sites": oracle["across_sites"]}
-    return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
+            with checkpoint.as_directory() as folder:
+                state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        cfg = Config.from_dict(state["config"])
+        net = build_model(cfg.model)
+        net.load_state_dict(state["model"])
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
+        parts = evaluation_parts(cfg)
+        sources = cfg.data.source_sites
+        files: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="dualssl-eval-") as tmp:
+            summary = evaluate_cases(predictor, parts["source"] + parts["report"], cfg, Path(tmp) / "report",
+                                     sources, meta={"part": "source validation + unseen report part"})
+            files.update({p.name: p.read_bytes() for p in (Path(tmp) / "report").iterdir() if p.is_file()})
+            if parts["selection"]:
+                oracle = evaluate_cases(predictor, parts["selection"], cfg, Path(tmp) / "oracle", sources,
+                                        meta={"part": "unseen selection part (oracle)"})
+                files.update({f"oracle_{p.name}": p.read_bytes() for p in (Path(tmp) / "oracle").iterdir()
+                              if p.is_file()})
+            else:
+                oracle = summarise([], sources)
+        summary["oracle"] = {"per_site": oracle["per_site"], "across_sites": oracle["across_sites"]}
+        return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
 
 
 def evaluate_async(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) -> ray.ObjectRef:

@@ -135,7 +135,14 @@ def test_checkpoint_is_evaluated_on_source_validation_report_and_selection_parts
     assert sites("selection") == ["far", "near"]  # floor(3 / 2) and floor(2 / 2); the lone case reports
     assert sites("report") == ["far", "far", "lone", "near"]
 
-    out = evaluate_checkpoint(tmp_path / "ckpt", device="cpu", threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = evaluate_checkpoint(tmp_path / "ckpt", device="cpu", threads=1)
+        # the caller's thread count is back (it once stayed at 1 for the rest of the test session)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert out["epoch"] == 2
     assert sorted(out["files"]) == ["oracle_per_case.csv", "oracle_summary.json", "per_case.csv", "summary.json"]
     reported, oracle = _read_csv(out["files"]["per_case.csv"]), _read_csv(out["files"]["oracle_per_case.csv"])
