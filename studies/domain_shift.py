@@ -322,7 +322,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     # 2. Data: the given dataset or a phantom (with its severity sweep) made once in the study folder.
     cfg.data.root = str(ensure_data(args, plan))
     _, sweeps = dataset_sites(Path(cfg.data.root))
-    tracking_uri, artifact_location = default_tracking(plan.study_dir, args.mlflow_tracking_uri)
+    tracking_uri = default_tracking(plan.study_dir, args.mlflow_tracking_uri)
 
     # 3. Ray and resources.
     connect(args.address, log_to_driver=args.verbose)
@@ -346,8 +346,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             "source_sites": ",".join(plan.source_sites)}
     parent = start_parent_run(tracking_uri, plan.experiment, f"domain-shift-{plan.experiment}", tags,
                               {"cells": len(plan.cells), **{f"arm.{a}": json.dumps(v) for a, v in plan.arms.items()},
-                               **asdict(resources)}, run_id=previous.get("parent_run_id"),
-                              artifact_location=artifact_location)
+                               **asdict(resources)}, run_id=previous.get("parent_run_id"))
     manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,

@@ -17,7 +17,7 @@ which for these driver-written runs is the driver's node, not where the trials t
 
 MLflow 3 stores runs in a database by default; the default tracking URI of a study is a sqlite
 file in the study folder (``sqlite:////abs/study/mlflow.db``), with its artifacts beside it in
-``study/mlartifacts`` (:func:`default_tracking`; a sqlite store would otherwise put them in
+``study/mlartifacts`` (:func:`sqlite_artifacts`: a sqlite store would otherwise put them in
 ``./mlruns`` of whatever folder the driver was started from), and clusters use a server
 (``cluster/mlflow.yaml``).
 """
@@ -126,19 +126,26 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int = 0, tim
         client.log_batch(run_id, metrics=chunk)
 
 
-def default_tracking(study_dir: Path, tracking_uri: str | None) -> tuple[str, str | None]:
-    """``(tracking URI, artifact location for a new experiment)``: the given URI as it is (its server
-    or store decides where artifacts go), else the sqlite file and ``mlartifacts`` of the study folder."""
-    if tracking_uri:
-        return tracking_uri, None
-    return f"sqlite:///{study_dir / 'mlflow.db'}", (study_dir / "mlartifacts").as_uri()
+def default_tracking(study_dir: Path, tracking_uri: str | None) -> str:
+    """The given tracking URI, else the sqlite file of the study folder."""
+    return tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
+
+
+def sqlite_artifacts(tracking_uri: str) -> str | None:
+    """``file://`` URI of ``mlartifacts`` beside a ``sqlite:///`` store's file (None for any other
+    store: a server or another database decides where its artifacts go). A sqlite store would
+    otherwise put a new experiment's artifacts in ``./mlruns`` of the process's working folder."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
 def start_parent_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
-                     params: dict[str, Any], run_id: str | None = None, artifact_location: str | None = None) -> str:
+                     params: dict[str, Any], run_id: str | None = None) -> str:
     """Create (or reopen, with ``run_id``) the study's parent run; returns its id. The study's first
     MLflow call: from here on the driver's HTTP retries are short (``pending_writes.client_defaults``).
-    ``artifact_location`` applies when the experiment is new (an existing one keeps its own)."""
+    A new experiment in a sqlite store keeps its artifacts beside the store (:func:`sqlite_artifacts`);
+    an existing one keeps its own location."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -146,6 +153,7 @@ def start_parent_run(tracking_uri: str, experiment: str, run_name: str, tags: di
 
     client_defaults()
     mlflow.set_tracking_uri(tracking_uri)
+    artifact_location = sqlite_artifacts(tracking_uri)
     if artifact_location and mlflow.get_experiment_by_name(experiment) is None:
         try:
             mlflow.create_experiment(experiment, artifact_location=artifact_location)

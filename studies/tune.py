@@ -225,7 +225,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
     metric, mode = searcher_metrics(plan.objectives)
     optuna_store, optuna_spec, optuna_study = optuna_study_for(
         args.optuna_storage, study_dir, experiment, mode if isinstance(mode, list) else [mode], args.verbose)
-    tracking_uri, artifact_location = default_tracking(study_dir, args.mlflow_tracking_uri)
+    tracking_uri = default_tracking(study_dir, args.mlflow_tracking_uri)
 
     # 2. Data: the given dataset, or a phantom generated once into the study folder.
     cfg.data.root = str(ensure_data(args, study_dir))
@@ -271,8 +271,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
         tags["oracle"] = "true: trials ranked on the unseen test sites (not a fair model selection)"
     parent = start_parent_run(tracking_uri, experiment, f"study-{experiment}", {**tags, "role": "study"},
                               {"num_samples": num_samples, **{f"search.{k}": str(v) for k, v in search.items()},
-                               **asdict(resources)}, run_id=previous.get("parent_run_id"),
-                              artifact_location=artifact_location)
+                               **asdict(resources)}, run_id=previous.get("parent_run_id"))
     manifest = {"experiment": experiment, "storage": storage, "study_dir": str(study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "selection": args.selection,
                 "selection_metric": cfg.eval.selection_metric, "source_sites": cfg.data.source_sites,

@@ -18,6 +18,17 @@ TEST_SCALE = 0.3
 TEST_CASES_PER_SITE = 5
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout():
+    """The session leaves no MLflow store or artifacts in the checkout (the tests run from it, and a
+    sqlite store once put every new experiment's artifacts in ./mlruns)."""
+    strays = ("mlruns", "mlartifacts", "mlflow.db", "ray_results")
+    before = {name for name in strays if (REPO / name).exists()}
+    yield
+    created = sorted(name for name in strays if (REPO / name).exists() and name not in before)
+    assert not created, f"the tests wrote {created} into {REPO}"
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """An MSD-layout phantom with TEST_SITES x TEST_CASES_PER_SITE cases (generated once)."""

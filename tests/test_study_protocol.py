@@ -132,9 +132,9 @@ def test_trial_runs_tag_the_cell(tmp_path):
                                                                                "dual/3/cone_beam")
 
 
-def test_default_tracking_keeps_the_artifacts_in_the_study_folder(tmp_path, monkeypatch):
+def test_a_sqlite_store_keeps_the_artifacts_beside_it(tmp_path, monkeypatch):
     """A sqlite store puts a new experiment's artifacts in ./mlruns of the driver's working folder
-    unless told otherwise; the study's default keeps them beside its mlflow.db."""
+    unless told otherwise; a study keeps them beside its mlflow.db."""
     import mlflow
 
     from studies.tracking import default_tracking, start_parent_run
@@ -142,16 +142,17 @@ def test_default_tracking_keeps_the_artifacts_in_the_study_folder(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     study = tmp_path / "studies" / "s"
     study.mkdir(parents=True)
-    uri, location = default_tracking(study, None)
+    uri = default_tracking(study, None)
     assert uri == f"sqlite:///{study / 'mlflow.db'}"
-    parent = start_parent_run(uri, "s", "study-s", {}, {}, artifact_location=location)
+    parent = start_parent_run(uri, "s", "study-s", {}, {})
     mlflow.MlflowClient(uri).log_text(parent, "a table", "trials.csv")
-    assert (study / "mlartifacts").is_dir() and list((study / "mlartifacts").rglob("trials.csv"))
+    assert list((study / "mlartifacts").rglob("trials.csv"))
     assert not (tmp_path / "mlruns").exists()
     # a second driver (a resumed study) reopens the experiment where it is
-    again = start_parent_run(uri, "s", "study-s", {}, {}, artifact_location=location)
-    assert mlflow.get_experiment_by_name("s").artifact_location == location and again != parent
-    assert default_tracking(study, "http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None)
+    again = start_parent_run(uri, "s", "study-s", {}, {})
+    assert mlflow.get_experiment_by_name("s").artifact_location == (study / "mlartifacts").as_uri()
+    assert again != parent
+    assert default_tracking(study, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 # --- 3. ASHA, Optuna and selection speak of the same thing -----------------------------------------
