@@ -10,6 +10,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dualssl.data.phantom.options import PhantomOptions
 
 
 def add_phantom_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +34,7 @@ def add_phantom_option_flags(parser: argparse.ArgumentParser) -> None:
                         help="factor on the site's interlobular fat of the pancreas (default 1; 0 = a lean gland)")
 
 
-def phantom_options_from_args(args: argparse.Namespace):
+def phantom_options_from_args(args: argparse.Namespace) -> "PhantomOptions":
     """The ``PhantomOptions`` of the flags above: the preset with the given fields overridden."""
     from dualssl.data.phantom.options import phantom_options
 

@@ -88,41 +88,45 @@ def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: s
     ``oracle_per_case.csv`` and ``oracle_summary.json`` (the oracle files are absent when no unseen
     site has two or more cases, and then ``summary["oracle"]`` has no sites).
     """
+    # torch's thread count is global to the process: a Ray task owns its process, but a caller
+    # of this function (a test, a notebook) keeps its own setting afterwards
+    with torch_threads(threads):
+        return _evaluate_checkpoint(checkpoint, device)
+
+
+def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: str | None) -> dict[str, Any]:
     from dualssl.engine import load_checkpoint
     from dualssl.evaluation.inference import Predictor
     from dualssl.evaluation.run import evaluate_cases
     from dualssl.models import SegmentationNet, build_model
     from studies.train_loop import CHECKPOINT_FILE
 
-    # torch's thread count is global to the process: a Ray task owns its process, but a caller
-    # of this function (a test, a notebook) keeps its own setting afterwards
-    with torch_threads(threads):
-        if isinstance(checkpoint, (str, Path)):
-            state = load_checkpoint(Path(checkpoint) / CHECKPOINT_FILE)
+    if isinstance(checkpoint, (str, Path)):
+        state = load_checkpoint(Path(checkpoint) / CHECKPOINT_FILE)
+    else:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    cfg = Config.from_dict(state["config"])
+    net = build_model(cfg.model)
+    net.load_state_dict(state["model"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
+    parts = evaluation_parts(cfg)
+    sources = cfg.data.source_sites
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="dualssl-eval-") as tmp:
+        summary = evaluate_cases(predictor, parts["source"] + parts["report"], cfg, Path(tmp) / "report",
+                                 sources, meta={"part": "source validation + unseen report part"})
+        files.update({p.name: p.read_bytes() for p in (Path(tmp) / "report").iterdir() if p.is_file()})
+        if parts["selection"]:
+            oracle = evaluate_cases(predictor, parts["selection"], cfg, Path(tmp) / "oracle", sources,
+                                    meta={"part": "unseen selection part (oracle)"})
+            files.update({f"oracle_{p.name}": p.read_bytes() for p in (Path(tmp) / "oracle").iterdir()
+                          if p.is_file()})
         else:
-            with checkpoint.as_directory() as folder:
-                state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        cfg = Config.from_dict(state["config"])
-        net = build_model(cfg.model)
-        net.load_state_dict(state["model"])
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
-        parts = evaluation_parts(cfg)
-        sources = cfg.data.source_sites
-        files: dict[str, bytes] = {}
-        with tempfile.TemporaryDirectory(prefix="dualssl-eval-") as tmp:
-            summary = evaluate_cases(predictor, parts["source"] + parts["report"], cfg, Path(tmp) / "report",
-                                     sources, meta={"part": "source validation + unseen report part"})
-            files.update({p.name: p.read_bytes() for p in (Path(tmp) / "report").iterdir() if p.is_file()})
-            if parts["selection"]:
-                oracle = evaluate_cases(predictor, parts["selection"], cfg, Path(tmp) / "oracle", sources,
-                                        meta={"part": "unseen selection part (oracle)"})
-                files.update({f"oracle_{p.name}": p.read_bytes() for p in (Path(tmp) / "oracle").iterdir()
-                              if p.is_file()})
-            else:
-                oracle = summarise([], sources)
-        summary["oracle"] = {"per_site": oracle["per_site"], "across_sites": oracle["across_sites"]}
-        return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
+            oracle = summarise([], sources)
+    summary["oracle"] = {"per_site": oracle["per_site"], "across_sites": oracle["across_sites"]}
+    return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
 
 
 def evaluate_async(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) -> ray.ObjectRef:
