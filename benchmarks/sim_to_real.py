@@ -129,14 +129,16 @@ def graded(model: Path, scan: Path, label_path: Path) -> dict:
 
 
 def appearance(root: Path | None, real: Path) -> dict:
-    """Peri-pancreatic appearance at the recipe's resolution (``peripancreatic_appearance``): the NIH
-    scan, and the mean over the phantom's training cases (as stored: what the net sees)."""
+    """Peri-pancreatic appearance at the recipe's resolution (``peripancreatic_appearance``) and the noise
+    there (``noise_power_spectrum`` after the same linear resampling): the NIH scan, and the mean over
+    the phantom's training cases (as stored: what the net sees), with the noise per site."""
     from dualssl.data.phantom.measure import peripancreatic_appearance
 
     def one(image: Path, label: Path) -> dict:
         img = nib.load(image)
-        return peripancreatic_appearance(np.asarray(img.dataobj, np.float32), np.asarray(nib.load(label).dataobj),
-                                         tuple(float(z) for z in img.header.get_zooms()[:3]))
+        hu, spacing = np.asarray(img.dataobj, np.float32), tuple(float(z) for z in img.header.get_zooms()[:3])
+        return {**peripancreatic_appearance(hu, np.asarray(nib.load(label).dataobj), spacing),
+                **grid_noise(hu, spacing)}
 
     out = {"nih": {k: round(v, 3) for k, v in one(real / NIH / "ct.nii.gz", real / NIH / "pancreas.nii.gz").items()}}
     if root is not None:
@@ -144,7 +146,23 @@ def appearance(root: Path | None, real: Path) -> dict:
         rows = [one(root / c["image"], root / c["label"]) for c in cases]
         out["phantom_mean"] = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]}
         out["phantom_cases"] = len(rows)
+        sites = [c.get("site", "") for c in cases]
+        out["phantom_noise_by_site"] = {
+            site: {k: round(float(np.mean([r[k] for r, s in zip(rows, sites) if s == site])), 3)
+                   for k in ("grid_noise_sd", "grid_noise_mean_freq")} for site in dict.fromkeys(sites)}
     return out
+
+
+def grid_noise(hu: np.ndarray, spacing: tuple[float, float, float], grid_mm=(3.0, 3.0, 4.0)) -> dict:
+    """Noise SD (HU) and the spectrum's mean frequency (1/mm) on the recipe's grid, resampled linearly
+    as ``peripancreatic_appearance`` does (what the net sees of the scanner's noise)."""
+    from scipy import ndimage
+
+    from dualssl.data.phantom.measure import noise_power_spectrum
+
+    zoomed = ndimage.zoom(hu, [s / g for s, g in zip(spacing, grid_mm)], order=1)
+    nps = noise_power_spectrum(zoomed, grid_mm, roi_mm=24.0, bins=4)
+    return {"grid_noise_sd": nps["noise_sd"], "grid_noise_mean_freq": nps["mean_freq_per_mm"]}
 
 
 def evaluate_real(model: Path, real: Path, out: Path) -> dict:
