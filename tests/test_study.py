@@ -1,5 +1,5 @@
 """The Ray study: search space, resource checks, and (slow) one real study on a loopback Ray head
-that the slow tests share: 12 trials 3 at a time, two objectives, an injected worker failure in
+that the slow tests share: 8 trials 3 at a time, two objectives, an injected worker failure in
 every trial, logged to a real ``mlflow server`` on PostgreSQL; cross-site metrics in one MLflow run
 per trial, one metric row per reported epoch, a non-dominated Pareto front, parameter importance,
 the exported model reproducing the reported validation Dice.
@@ -153,12 +153,12 @@ def _study_args(root: Path, storage: Path, *extra: str) -> list[str]:
             "--set", f"data.cache_dir={storage / 'cache'}", *extra]
 
 
-NUM_SAMPLES, AT_ONCE = 12, 3
+NUM_SAMPLES, AT_ONCE = 8, 3
 STUDY_FLAGS = ("--num-samples", str(NUM_SAMPLES), "--max-concurrent-trials", str(AT_ONCE), "--workers-per-trial", "1",
                "--cpus-per-worker", "0.5", "--objectives", "val_dice,val_stability",
                # 2 of the 5 source cases validate: val_stability is a std over them
                "--set", "data.val_fraction=0.4", "--fail-at-epoch", "0", "--fail-scope", "study")
-"""The study every slow test of this module reads: 12 trials, 3 at a time (1 worker of half a CPU each
+"""The study every slow test of this module reads: 8 trials, 3 at a time (1 worker of half a CPU each
 on the 2-CPU head), two objectives, the worker of the first trial to finish epoch 0 killed, logged over HTTP
 to the PostgreSQL-backed ``mlflow server`` (the sqlite default where PostgreSQL is absent outside CI)."""
 
@@ -335,7 +335,7 @@ def test_two_objective_study_logs_a_non_dominated_front_and_importance_of_every_
 @pytest.mark.slow
 def test_concurrent_trials_leave_one_run_and_one_row_per_epoch_on_the_tracking_server(smoke_study, study_tracking,
                                                                                         tmp_path):
-    """12 trials, 3 at a time, against the server: every result Tune wrote (its result.json, written
+    """8 trials, 3 at a time, against the server: every result Tune wrote (its result.json, written
     by Tune's JSON logger, not by MLflow) is one metric row; the parent holds the full table; no
     duplicate experiment; no placement group left on the cluster."""
     client, parent, children, study = (smoke_study[k] for k in ("client", "parent", "children", "study"))
