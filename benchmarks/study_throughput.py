@@ -12,8 +12,9 @@ tree as the sum of PSS (benchmarks/tree_memory.py)::
 
 Completed trials carry the exact breakdown in their final result (``time/*``, also in MLflow).
 Trials that ASHA stopped end without one: their phases are estimated from the per-epoch results
-(train and validation exact, start-up to the second, the rest as other), and the driver's
-evaluation of them (``eval_wait_s`` in ``trials.json``; they run side by side) is listed apart.
+(train, validation and start-up exact, as every epoch carries the trial's start; the rest as
+other), and the driver's evaluation of them (``eval_wait_s`` in ``trials.json``; they run side by
+side) is listed apart.
 Writes ``throughput.json`` into the study folder.
 """
 
@@ -76,11 +77,16 @@ def format_table(trials: list[dict], manifest: dict) -> str:
                  + " ".join(f"{summed[f'{p}_frac']:10.3f}" for p in PHASES))
     split = [t for t in trials if "time/startup_workers_s" in t]
     if split:
-        workers = sum(t["time/startup_workers_s"] for t in split) / len(split)
+        workers = [t["time/startup_workers_s"] for t in split]
         setup = sum(t["time/startup_setup_s"] for t in split) / len(split)
-        lines.append(f"start-up of a trial (mean of {len(split)}): {workers:.1f} s to rank 0's train loop "
-                     f"(Train controller, worker group, process group, imports) + {setup:.1f} s of set-up "
-                     "(data, model, DDP) to the first step")
+        lines.append(f"start-up of a trial (mean of {len(split)}): {sum(workers) / len(workers):.1f} s to rank 0's "
+                     f"train loop (max {max(workers):.1f} s; Train controller, worker group, process group, imports) "
+                     f"+ {setup:.1f} s of set-up (data, model, DDP) to the first step")
+        completed = [t["time/trial_s"] for t in trials if t["source"] == "final result"]
+        if completed:
+            full = sum(completed) / len(completed)
+            lines.append(f"  as a share of a completed trial ({full:.1f} s): {sum(workers) / len(workers) / full:.1%} "
+                         f"mean, {max(workers) / full:.1%} max")
     wall = float(manifest.get("wall_time_s") or 0.0)
     driver = sum(t.get("driver_eval_s") or 0.0 for t in trials)
     lines.append(f"study wall time {wall:.0f} s; {len(trials)} trials -> {len(trials) / wall * 3600:.1f} trials/hour; "

@@ -79,8 +79,11 @@ def time_breakdown(history: Iterable[Mapping[str, Any]], started: float, fit_don
 
 def epoch_breakdown(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Approximate ``time/<phase>_s`` of a trial that ended without its final result (stopped by
-    ASHA), from its per-epoch Tune results: ``train`` and ``validation`` from the epochs, ``startup``
-    from Tune's clock (``timestamp`` has whole seconds), and everything else as ``other``."""
+    ASHA), from its per-epoch Tune results: ``train`` and ``validation`` from the epochs, everything
+    else as ``other``. ``startup`` is exact, and split at the train loop's entry into
+    ``time/startup_workers_s`` and ``time/startup_setup_s``, when the epochs carry the trial
+    function's start (``trial_start_unix``, and ``loop_start_unix``; both from
+    ``studies/train_loop.py``); otherwise it comes from Tune's clock (``timestamp`` has whole seconds)."""
     rows = [r for r in results if "train_time_s" in r]
     if not rows:
         return {}
@@ -89,11 +92,22 @@ def epoch_breakdown(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     first = rows[0]
     started = float(first["timestamp"]) - float(first["time_total_s"])
     total = float(rows[-1]["time_total_s"])
-    startup = max(0.0, float(first["epoch_start_unix"]) - started)
+    split: dict[str, float] = {}
+    trial_start = rows[-1].get("trial_start_unix")
+    if trial_start is not None:
+        # the first epoch of the trial function's last run (a Tune restart runs it again)
+        own = next(r for r in rows if r.get("trial_start_unix") == trial_start)
+        startup = max(0.0, float(own["epoch_start_unix"]) - float(trial_start))
+        loop = own.get("loop_start_unix")
+        if loop is not None and trial_start <= loop <= own["epoch_start_unix"]:
+            split = {"time/startup_workers_s": float(loop) - float(trial_start),
+                     "time/startup_setup_s": float(own["epoch_start_unix"]) - float(loop)}
+    else:
+        startup = max(0.0, float(first["epoch_start_unix"]) - started)
     other = max(0.0, total - train - validation - startup)
     return {"time/startup_s": startup, "time/train_s": train, "time/validation_s": validation,
             "time/checkpoint_s": 0.0, "time/crosssite_s": 0.0, "time/other_s": other, "time/trial_s": total,
-            "time/steps": sum(float(r.get("steps", 0.0)) for r in rows)}
+            "time/steps": sum(float(r.get("steps", 0.0)) for r in rows), **split}
 
 
 def study_fractions(trials: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -41,6 +41,9 @@ is never cut). Tune requires the key in every result; ``studies.tune.MeasuredASH
 (Ray's ASHA would record a NaN at the rung, which exempts the trial from that rung's cut)."""
 LOOP_START_KEY = "loop_start_unix"
 """``time.time()`` when rank 0 entered the train loop: splits a trial's start-up (studies/throughput.py)."""
+TRIAL_START_KEY = "trial_start_unix"
+"""``time.time()`` when the trial function started (``studies/trainable.py``), in every epoch's result: the
+start-up of a trial that ASHA stops (it never sends its final result) is then exact too."""
 
 
 class RayTrainer(Trainer):
@@ -78,9 +81,10 @@ class RayReport(Callback):
     """Report every epoch's metrics to Ray Train; rank 0 attaches the engine's checkpoint."""
 
     def __init__(self, resumed_from_epoch: int = 0, fail_at_epoch: int | None = None,
-                 fail_marker: str | None = None, loop_started: float | None = None):
+                 fail_marker: str | None = None, loop_started: float | None = None,
+                 trial_started: float | None = None):
         self.resumed_from_epoch = resumed_from_epoch
-        self.loop_started = loop_started
+        self.loop_started, self.trial_started = loop_started, trial_started
         self.fail_at_epoch = fail_at_epoch
         self.fail_marker = fail_marker
 
@@ -103,6 +107,8 @@ class RayReport(Callback):
         out["world_size"] = trainer.world_size
         if self.loop_started is not None:
             out[LOOP_START_KEY] = self.loop_started
+        if self.trial_started is not None:
+            out[TRIAL_START_KEY] = self.trial_started
         return out
 
     def on_epoch_end(self, trainer, epoch, metrics, state_fn):
@@ -146,13 +152,15 @@ def restore_state() -> dict[str, Any] | None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config`` = {"cfg": Config.to_dict(), "threads", "fail_at_epoch", "fail_marker"}."""
+    """Ray Train entry point: ``config`` = {"cfg": Config.to_dict(), "threads", "fail_at_epoch", "fail_marker",
+    "trial_started"}."""
     # 1. Unpack the config.
     loop_started = time.time()
     cfg = Config.from_dict(config["cfg"]).validate()
     threads = int(config.get("threads", 0))
     fail_at_epoch = config.get("fail_at_epoch")
     fail_marker = config.get("fail_marker")
+    trial_started = config.get("trial_started")
 
     # 2. One process per reserved CPU: keep torch's intra-op threads to this worker's share.
     if threads > 0:
@@ -163,6 +171,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = int(state["epoch"]) if state else 0
 
     # 4. Train: the engine's loop, DDP-wrapped, reporting every epoch.
-    report = RayReport(resumed, fail_at_epoch, fail_marker, loop_started)
+    report = RayReport(resumed, fail_at_epoch, fail_marker, loop_started, trial_started)
     fit(cfg, callbacks=[report], resume_from=state, trainer_cls=RayTrainer,
         device=ray.train.torch.get_device())

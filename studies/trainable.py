@@ -190,7 +190,7 @@ def train_func(config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg.to_dict(), "threads": max(1, int(settings.cpus_per_worker)),
+            "cfg": cfg.to_dict(), "threads": max(1, int(settings.cpus_per_worker)), "trial_started": started,
             "fail_at_epoch": settings.fail_at_epoch if settings.fail_at_epoch >= 0 else None,
             "fail_marker": (f"{settings.train_storage}/.fault_injected" if settings.fail_scope == "study"
                             else f"{settings.train_storage}/train_{trial_id}/.fault_injected")

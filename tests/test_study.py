@@ -338,12 +338,18 @@ def test_concurrent_trials_leave_one_run_and_one_row_per_epoch_on_the_tracking_s
     """8 trials, 3 at a time, against the server: every result Tune wrote (its result.json, written
     by Tune's JSON logger, not by MLflow) is one metric row; the parent holds the full table; no
     duplicate experiment; no placement group left on the cluster."""
+    from studies.throughput import epoch_breakdown
+
     client, parent, children, study = (smoke_study[k] for k in ("client", "parent", "children", "study"))
     spans, expected_rows = [], {}
     for run in children:
         trial = run.data.tags["trial_id"]
         results = [json.loads(line) for line in (study / f"trial_{trial}" / "result.json").read_text().splitlines()]
         iterations = [r["training_iteration"] for r in results]
+        # every epoch carries the trial function's start, so a stopped trial's start-up splits too
+        assert all(r["trial_start_unix"] <= r["loop_start_unix"] <= r["epoch_start_unix"]
+                   for r in results if "epoch_start_unix" in r), trial
+        assert "time/startup_workers_s" in epoch_breakdown(results), trial
         history = client.get_metric_history(run.info.run_id, "training_iteration")
         assert sorted(m.value for m in history) == sorted(iterations), trial
         expected_rows[run.info.run_id] = len(iterations)

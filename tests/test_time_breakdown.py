@@ -57,6 +57,28 @@ def test_epoch_breakdown_of_a_stopped_trial_and_study_fractions():
     assert math.isnan(study_fractions([])["train_frac"])
 
 
+def test_a_stopped_trial_whose_epochs_carry_the_trial_start_has_an_exact_split_start_up():
+    # The trial function started at 1000.4 (Tune's clock says 1000, whole seconds), rank 0 entered
+    # the loop at 1009.9, the first epoch began at 1016.2. A Tune restart ran the function again at
+    # 1100.25: its first epoch (1118.0, loop at 1110.5) is the one that counts.
+    first_run = [{"timestamp": 1024, "time_total_s": 24.0, "epoch_start_unix": 1016.2, "train_time_s": 5.0,
+                  "val_time_s": 2.0, "steps": 10, "trial_start_unix": 1000.4, "loop_start_unix": 1009.9}]
+    out = epoch_breakdown(first_run)
+    assert out["time/startup_s"] == pytest.approx(15.8)
+    assert out["time/startup_workers_s"] == pytest.approx(9.5) and out["time/startup_setup_s"] == pytest.approx(6.3)
+    restarted = first_run + [
+        {"timestamp": 1126, "time_total_s": 50.0, "epoch_start_unix": 1118.0, "train_time_s": 5.0, "val_time_s": 2.0,
+         "steps": 10, "trial_start_unix": 1100.25, "loop_start_unix": 1110.5},
+        {"timestamp": 1133, "time_total_s": 57.0, "epoch_start_unix": 1126.0, "train_time_s": 5.0, "val_time_s": 2.0,
+         "steps": 10, "trial_start_unix": 1100.25, "loop_start_unix": 1110.5}]
+    again = epoch_breakdown(restarted)
+    assert again["time/startup_s"] == pytest.approx(17.75)
+    assert again["time/startup_workers_s"] == pytest.approx(10.25) and again["time/startup_setup_s"] == pytest.approx(7.5)
+    # epochs without the trial start (older results): Tune's clock, no split
+    plain = [{k: v for k, v in r.items() if k not in ("trial_start_unix", "loop_start_unix")} for r in first_run]
+    assert epoch_breakdown(plain)["time/startup_s"] == pytest.approx(16.2) and "time/startup_workers_s" not in epoch_breakdown(plain)
+
+
 def test_the_engine_stamps_every_epoch_with_its_phase_times(tmp_path):
     from dualssl.data.phantom import generate_dataset
 
