@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import ray
-import ray.train
-from ray import tune
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment banner per trial (read when Tune starts)
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 
 VARIANTS = ("tune", "no-callback")
 
@@ -63,7 +66,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     storage = tempfile.mkdtemp(prefix="worker-startup-")
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep in range(args.repeats):
