@@ -78,15 +78,16 @@ def format_table(trials: list[dict], manifest: dict) -> str:
     split = [t for t in trials if "time/startup_workers_s" in t]
     if split:
         workers = [t["time/startup_workers_s"] for t in split]
+        mean, most = sum(workers) / len(workers), max(workers)
         setup = sum(t["time/startup_setup_s"] for t in split) / len(split)
-        lines.append(f"start-up of a trial (mean of {len(split)}): {sum(workers) / len(workers):.1f} s to rank 0's "
-                     f"train loop (max {max(workers):.1f} s; Train controller, worker group, process group, imports) "
+        lines.append(f"start-up of a trial (mean of {len(split)}): {mean:.1f} s to rank 0's train loop "
+                     f"(max {most:.1f} s; Train controller, worker group, process group, imports) "
                      f"+ {setup:.1f} s of set-up (data, model, DDP) to the first step")
         completed = [t["time/trial_s"] for t in trials if t["source"] == "final result"]
         if completed:
             full = sum(completed) / len(completed)
-            lines.append(f"  as a share of a completed trial ({full:.1f} s): {sum(workers) / len(workers) / full:.1%} "
-                         f"mean, {max(workers) / full:.1%} max")
+            lines.append(f"  as a share of a completed trial ({full:.1f} s): {mean / full:.1%} mean, "
+                         f"{most / full:.1%} max")
     wall = float(manifest.get("wall_time_s") or 0.0)
     driver = sum(t.get("driver_eval_s") or 0.0 for t in trials)
     lines.append(f"study wall time {wall:.0f} s; {len(trials)} trials -> {len(trials) / wall * 3600:.1f} trials/hour; "

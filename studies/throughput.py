@@ -37,6 +37,16 @@ def _own_epochs(history: Iterable[Mapping[str, Any]], started: float) -> list[Ma
     return [h for h in history if float(h.get("epoch_start_unix", -math.inf)) >= started]
 
 
+def startup_split(started: float, loop_started: float | None, first_epoch: float) -> dict[str, float]:
+    """The start-up from ``started`` to the first epoch, split at the train loop's entry into
+    ``time/startup_workers_s`` and ``time/startup_setup_s``; nothing when the loop's stamp is missing
+    or falls outside it (a stale stamp)."""
+    if loop_started is None or not started <= loop_started <= first_epoch:
+        return {}
+    return {"time/startup_workers_s": float(loop_started - started),
+            "time/startup_setup_s": float(first_epoch - loop_started)}
+
+
 def time_breakdown(history: Iterable[Mapping[str, Any]], started: float, fit_done: float,
                    eval_done: float, ended: float, loop_started: float | None = None) -> dict[str, float]:
     """``time/<phase>_s`` and ``time/<phase>_frac`` for :data:`PHASES`, ``time/trial_s``,
@@ -71,9 +81,8 @@ def time_breakdown(history: Iterable[Mapping[str, Any]], started: float, fit_don
     out["time/trial_s"] = float(total)
     out["time/steps"] = steps
     out["time/steps_per_s"] = steps / train if train > 0 else math.nan
-    if own and loop_started is not None and started <= loop_started <= started + startup:
-        out["time/startup_workers_s"] = float(loop_started - started)
-        out["time/startup_setup_s"] = float(started + startup - loop_started)
+    if own:
+        out.update(startup_split(started, loop_started, float(own[0]["epoch_start_unix"])))
     return out
 
 
@@ -98,10 +107,7 @@ def epoch_breakdown(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         # the first epoch of the trial function's last run (a Tune restart runs it again)
         own = next(r for r in rows if r.get("trial_start_unix") == trial_start)
         startup = max(0.0, float(own["epoch_start_unix"]) - float(trial_start))
-        loop = own.get("loop_start_unix")
-        if loop is not None and trial_start <= loop <= own["epoch_start_unix"]:
-            split = {"time/startup_workers_s": float(loop) - float(trial_start),
-                     "time/startup_setup_s": float(own["epoch_start_unix"]) - float(loop)}
+        split = startup_split(float(trial_start), own.get("loop_start_unix"), float(own["epoch_start_unix"]))
     else:
         startup = max(0.0, float(first["epoch_start_unix"]) - started)
     other = max(0.0, total - train - validation - startup)
