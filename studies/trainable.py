@@ -64,6 +64,24 @@ class TrialSettings:
     the arm's config keys go in ``overrides``."""
 
 
+class TrialTorchTrainer(TorchTrainer):
+    """``TorchTrainer`` without Ray Data's plumbing when the run has no Ray ``datasets`` (ours never has:
+    the engine loads its own data).
+
+    Ray Train 2.60 starts a ``DatasetManager`` actor per run and sends the driver's ``DataContext`` to
+    every worker before the train loop starts, datasets or not: on 2 cores that is ~1.3 s of a 6 s
+    worker-group start-up (``benchmarks/worker_startup.py``, ``ray-stock`` against ``dualssl``). Its
+    ``DatasetsCallback`` is the only thing dropped; with datasets the trainer is Ray's own. Where a Ray
+    release changes the callback's name or the private hook, this silently becomes the stock trainer.
+    """
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
+
+
 _LABELS = ("study.arm", "study.cell")
 """study.* keys allowed inside ``study.overrides`` (labels of the cell)."""
 
@@ -187,7 +205,7 @@ def train_func(config: dict[str, Any]) -> None:
         resources["GPU"] = settings.gpus_per_worker
 
     # 2. Train: one Ray Train run per trial, named by the trial id so that a retry resumes it.
-    trainer = TorchTrainer(
+    trainer = TrialTorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(), "threads": max(1, int(settings.cpus_per_worker)), "trial_started": started,
