@@ -8,7 +8,8 @@ that only imports torch, in the same kind of trial (a Tune function trainable ca
 ``TorchTrainer.fit()``, gloo, N workers of 1 CPU), so that a study's figure can be read against it:
 whatever a real trial spends above the floor is ours (config, imports of the train loop), the floor
 itself is Ray's (the controller, the worker processes, their imports of ray.train and torch, the
-synchronisation, placement-group cleaner and dataset-manager actors Ray Train V2 starts per run).
+synchronisation and placement-group cleaner actors Ray Train V2 starts per run; the stock trainer
+also starts a dataset-manager actor and sends every worker the Ray Data context).
 
 Variants, interleaved in rotated order with a pause between trials so that one trial's shutdown
 does not slow the next, both with ``TuneReportCallback`` in the Train ``RunConfig`` as in

@@ -1,64 +1,70 @@
-"""studies.trainable.TrialTorchTrainer: a real Ray Train run starts no Ray Data actor without datasets,
-and stays Ray's own trainer with them."""
+"""studies.trainable.TrialTorchTrainer on a real Ray runtime: a Train run without datasets starts no
+Ray Data actor, and one with datasets still gets its shards (the trainer is then Ray's own).
+
+The runs happen in a fresh interpreter: Ray's token authentication keeps process-wide state that
+other tests' in-process Ray calls may already have set."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
-import ray.train  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
-from studies.trainable import TrialTorchTrainer  # noqa: E402
+PROBE = r"""
+import json, sys, tempfile
+import ray, ray.data, ray.train
+from ray._private.state import actors  # the GCS actor table (ray.util.state needs the dashboard)
+from studies.trainable import TrialTorchTrainer
 
+def classes():
+    return sorted({a["ActorClassName"] for a in actors().values()})
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-def _actor_classes() -> set[str]:
-    # the GCS actor table (ray.util.state needs the dashboard, which these tests do not start)
-    from ray._private.state import actors
-
-    return {a["ActorClassName"] for a in actors().values()}
-
-
-def _report_rank(config: dict) -> None:
-    import ray.train
-
+def loop(config):
     metrics = {"rank": ray.train.get_context().get_world_rank()}
-    if config.get("dataset"):
+    if config["dataset"]:
         metrics["rows"] = sum(1 for _ in ray.train.get_dataset_shard("train").iter_rows())
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+def fit(name, **kwargs):
+    result = TrialTorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                               run_config=ray.train.RunConfig(name=name, storage_path=sys.argv[1]), **kwargs).fit()
+    return {"error": repr(result.error) if result.error else None, "metrics": result.metrics, "actors": classes()}
 
-def _fit(tmp_path, name: str, **kwargs) -> ray.train.Result:
-    return TrialTorchTrainer(
-        _report_rank, scaling_config=ray.train.ScalingConfig(num_workers=1),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(tmp_path)), **kwargs).fit()
-
-
-def test_no_dataset_manager_without_datasets(local_ray, tmp_path):
-    assert "DatasetManager" not in _actor_classes()
-    result = _fit(tmp_path, "no-datasets", train_loop_config={})
-    assert result.error is None and result.metrics["rank"] == 0
-    classes = _actor_classes()
-    assert "RayTrainWorker" in classes and "TrainController" in classes  # the run really went through Ray
-    assert "DatasetManager" not in classes
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+out = {"before": classes(), "plain": fit("plain", train_loop_config={"dataset": False})}
+out["with_datasets"] = fit("with-datasets", train_loop_config={"dataset": True},
+                           datasets={"train": ray.data.from_items([{"x": i} for i in range(5)])})
+print("PROBE " + json.dumps(out))
+"""
 
 
-def test_datasets_still_reach_the_workers(local_ray, tmp_path):
-    import ray.data
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["HOME"] = str(tmp_path_factory.mktemp("home"))  # Ray writes its auth token under HOME
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path_factory.mktemp("runs"))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("PROBE "))
 
-    result = _fit(tmp_path, "with-datasets", train_loop_config={"dataset": True},
-                  datasets={"train": ray.data.from_items([{"x": i} for i in range(5)])})
-    assert result.error is None and result.metrics["rows"] == 5
-    assert "DatasetManager" in _actor_classes()
+
+def test_no_dataset_manager_without_datasets(probe):
+    run = probe["plain"]
+    assert run["error"] is None and run["metrics"]["rank"] == 0
+    assert {"RayTrainWorker", "TrainController"} <= set(run["actors"])  # the run really went through Ray
+    assert "DatasetManager" not in run["actors"], run["actors"]
+
+
+def test_datasets_still_reach_the_workers(probe):
+    run = probe["with_datasets"]
+    assert run["error"] is None and run["metrics"]["rows"] == 5
+    assert "DatasetManager" in run["actors"]
