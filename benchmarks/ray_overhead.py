@@ -1,4 +1,4 @@
-"""Ray Train overhead: steps/s of a 1-worker TorchTrainer against ``engine.fit`` alone, same work.
+"""Ray Train overhead: steps/s of a 1-worker ``TrialTorchTrainer`` run against ``engine.fit`` alone, same work.
 
     python benchmarks/ray_overhead.py [--epochs 6] [--steps 16] [--repeats 3] [--cpus 1] [--data ROOT]
 
@@ -61,15 +61,16 @@ def run_ray(cfg: Config, threads: int, storage: Path) -> dict[str, float]:
     import ray
     import ray.train
     from ray import cloudpickle
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     import studies
+    from studies.trainable import TrialTorchTrainer  # the trainer a study's trials run
 
     cloudpickle.register_pickle_by_value(studies)
     ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=False)
     try:
         start = time.time()
-        trainer = TorchTrainer(
+        trainer = TrialTorchTrainer(
             ray_loop, train_loop_config={"cfg": cfg.to_dict(), "threads": threads},
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
