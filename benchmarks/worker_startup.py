@@ -89,7 +89,8 @@ def main() -> None:
             if result.error:
                 raise result.error
             value = result.metrics["startup_workers_s"]
-            print(f"{variant:12s} repeat {rep}: {value:.2f} s{' (warm-up, not counted)' if rep < 0 else ''}", flush=True)
+            note = " (warm-up, not counted)" if rep < 0 else ""
+            print(f"{variant:12s} repeat {rep}: {value:.2f} s{note}", flush=True)
             if rep >= 0:
                 times[variant].append(value)
     print(f"\nworker-group start-up of an empty {args.workers}-worker trial (trial start -> rank 0 in the loop):")
