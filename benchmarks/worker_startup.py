@@ -77,22 +77,22 @@ def main() -> None:
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     storage = tempfile.mkdtemp(prefix="worker-startup-")
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    # repeat -1 warms the cluster (its first Train run also creates Ray's autoscaling coordinator) and is not counted
-    for rep in range(-1, args.repeats):
-        for variant in (VARIANTS[rep % 2:] + VARIANTS[:rep % 2] if rep >= 0 else VARIANTS[:1]):
-            time.sleep(args.pause)
-            tuner = tune.Tuner(
-                tune.with_resources(trial, {"cpu": 0, "memory": 256 * 1024**2}),
-                param_space={"variant": variant, "storage": storage, "workers": args.workers},
-                run_config=tune.RunConfig(storage_path=storage, name=f"{variant}-{rep}", verbose=0))
-            (result,) = tuner.fit()
-            if result.error:
-                raise result.error
-            value = result.metrics["startup_workers_s"]
-            note = " (warm-up, not counted)" if rep < 0 else ""
-            print(f"{variant:12s} repeat {rep}: {value:.2f} s{note}", flush=True)
-            if rep >= 0:
-                times[variant].append(value)
+    rotations = [VARIANTS[rep % 2:] + VARIANTS[:rep % 2] for rep in range(args.repeats)]
+    # repeat -1 warms the cluster (its first Train run also creates Ray's autoscaling coordinator): not counted
+    schedule = [(-1, VARIANTS[0])] + [(rep, v) for rep, order in enumerate(rotations) for v in order]
+    for rep, variant in schedule:
+        time.sleep(args.pause)
+        tuner = tune.Tuner(
+            tune.with_resources(trial, {"cpu": 0, "memory": 256 * 1024**2}),
+            param_space={"variant": variant, "storage": storage, "workers": args.workers},
+            run_config=tune.RunConfig(storage_path=storage, name=f"{variant}-{rep}", verbose=0))
+        (result,) = tuner.fit()
+        if result.error:
+            raise result.error
+        value = result.metrics["startup_workers_s"]
+        print(f"{variant:12s} repeat {rep}: {value:.2f} s{' (warm-up, not counted)' if rep < 0 else ''}", flush=True)
+        if rep >= 0:
+            times[variant].append(value)
     print(f"\nworker-group start-up of an empty {args.workers}-worker trial (trial start -> rank 0 in the loop):")
     summary = {}
     for variant, values in times.items():

@@ -69,8 +69,8 @@ class TrialTorchTrainer(TorchTrainer):
     the engine loads its own data).
 
     Ray Train 2.60 starts a ``DatasetManager`` actor per run and sends the driver's ``DataContext`` to
-    every worker before the train loop starts, datasets or not: on 2 cores that is ~1.3 s of a 6 s
-    worker-group start-up (``benchmarks/worker_startup.py``, ``ray-stock`` against ``dualssl``). Its
+    every worker before the train loop starts, datasets or not: on 2 cores that is ~0.9 s (median) of
+    a 6 s worker-group start-up (``benchmarks/worker_startup.py``, ``ray-stock`` against ``dualssl``). Its
     ``DatasetsCallback`` is the only thing dropped; with datasets the trainer is Ray's own. Where a Ray
     release changes the callback's name or the private hook, this silently becomes the stock trainer.
     """
