@@ -109,6 +109,51 @@ def test_wilcoxon_ignores_seeds_and_is_kept_only_as_such(crossed_studies):
     assert crossed_studies["wilcoxon"].mean() > 0.2
 
 
+@pytest.mark.parametrize("scenario", [
+    dict(seeds=(0, 1)),                                                             # the fewest seeds
+    dict(sd=dict(patient=0.10, arm_x_patient=0.06, seed=0.005, noise=0.03)),       # patient part dominates
+])
+def test_other_designs_keep_the_level(scenario):
+    got = run_studies(400, seed=31, **scenario)
+    for quantity in ("head", "pair", "site"):
+        assert 0.92 <= got[quantity].mean() <= 0.98, (quantity, got[quantity].mean())
+    assert 0.02 <= got["pair_p"].mean() <= 0.08
+
+
+def simulate_leave_one_out(rng: np.random.Generator, seeds=SEEDS) -> list[dict]:
+    """Every site is a source once; its models score the other sites. Source sites shift the level (fixed),
+    and a test case is the same patient under every source's models."""
+    sites = {"a": (8, 0.70), "b": (12, 0.60), "c": (6, 0.65)}
+    source_shift = {"a": 0.05, "b": -0.03, "c": 0.0}
+    patient = {g: rng.normal(0, 0.10, n) for g, (n, _) in sites.items()}
+    rows = []
+    for arm in ("plain", "dual"):
+        inter = {g: rng.normal(0, 0.03, n) for g, (n, _) in sites.items()}
+        for src in sites:
+            for s in seeds:
+                model = rng.normal(0, 0.03)
+                for g, (n, mean) in sites.items():
+                    if g == src:
+                        continue
+                    values = mean + source_shift[src] + patient[g] + inter[g] + model + rng.normal(0, 0.03, n)
+                    rows += [dict(arm=arm, seed=s, source_site=src, site=g, case_id=f"{g}{i}", dice=float(v),
+                                  role="unseen") for i, v in enumerate(values)]
+    target = (sum(n * (m + source_shift[src]) for src in sites for g, (n, m) in sites.items() if g != src)
+              / sum(n for src in sites for g, (n, _) in sites.items() if g != src))
+    return rows, target
+
+
+def test_leave_one_site_out_keeps_the_level():
+    """Several source sites: patients shared across sources, model units (source, seed), sources fixed."""
+    rng = np.random.default_rng(5)
+    head, pair = [], []
+    for _ in range(250):
+        rows, target = simulate_leave_one_out(rng)
+        head += [r["ci_low"] <= target <= r["ci_high"] for r in summarise_unseen(rows)]
+        pair += [d["ci_low"] <= 0 <= d["ci_high"] for d in paired_unseen(rows)]
+    assert 0.92 <= np.mean(head) <= 0.99 and 0.92 <= np.mean(pair) <= 0.99
+
+
 def test_a_failed_cell_and_missing_cases_keep_the_level():
     """One seed of one arm missing (a failed cell) and a few cases missing: complete pairs only, level kept."""
     rng = np.random.default_rng(11)
@@ -137,7 +182,10 @@ TABLE = np.array([[0.70, 0.74, 0.69],
 
 
 def test_crossed_mean_equals_textbook_two_way_anova_on_a_hand_table():
-    """Var(grand mean) = (MS_patient + MS_seed - MS_residual) / (N S), df by Satterthwaite, t interval."""
+    """Var(grand mean) = (MS_patient + MS_seed - MS_residual) / (N S), df by Satterthwaite, t interval.
+
+    Expected mean squares of the balanced two-way random-effects layout (textbook, e.g. Searle, Casella
+    & McCulloch, Variance Components, ch. 4), computed here with loops, not with the module's code."""
     y = TABLE
     n, s = y.shape
     grand = y.mean()
@@ -147,8 +195,10 @@ def test_crossed_mean_equals_textbook_two_way_anova_on_a_hand_table():
     ms_p, ms_s, ms_e = ss_p / (n - 1), ss_s / (s - 1), ss_e / ((n - 1) * (s - 1))
     # E[MS_p] = se2 + S sa2, E[MS_s] = se2 + N sb2, E[MS_e] = se2; Var(mean) = sa2/N + sb2/S + se2/(NS).
     var = (ms_p + ms_s - ms_e) / (n * s)
-    terms = [(ms_p / (n * s), n - 1), (ms_s / (n * s), s - 1), (-ms_e / (n * s), (n - 1) * (s - 1))]
-    df = var ** 2 / sum(t ** 2 / d for t, d in terms)
+    # Satterthwaite, with the seed term at its 70% upper bound for the df only (DF_GUARD_QUANTILE = 0.3).
+    guard = (s - 1) / sps.chi2.ppf(0.3, s - 1)
+    terms = [(ms_p / (n * s), n - 1), (guard * ms_s / (n * s), s - 1), (-ms_e / (n * s), (n - 1) * (s - 1))]
+    df = sum(t for t, _ in terms) ** 2 / sum(t ** 2 / d for t, d in terms)
     half = sps.t.ppf(0.975, df) * math.sqrt(var)
 
     rows = [dict(seed=j, stratum="b", case_id=f"c{i}", value=float(y[i, j])) for i in range(n) for j in range(s)]

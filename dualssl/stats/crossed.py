@@ -29,8 +29,10 @@ stratum's share of the rows, ``n_g`` its patients and ``S`` the model units::
   (ddof 1) of the patients' adjusted means over units (estimating ``sa2 + se2 / U``) and ``MS_E,g`` the
   residual mean square of the additive fit (estimating ``se2``); truncated at 0 per stratum. A stratum
   with one patient borrows the pooled patient and residual mean squares of the others.
-* degrees of freedom: Satterthwaite over those mean-square terms (the negative residual term included);
-  the interval is ``mean +- t(df) * se`` and the p-value the two-sided t-test of ``mean = 0``.
+* degrees of freedom: Satterthwaite over those mean-square terms (the negative residual term included),
+  with the seed terms taken at a 70% upper bound for the df only (``DF_GUARD_QUANTILE``): plain
+  Satterthwaite under-covers when the seed part has 1-2 df. The interval is ``mean +- t(df) * se`` and
+  the p-value the two-sided t-test of ``mean = 0``.
 
 For a balanced table with one block this is the textbook two-way random-effects ANOVA:
 ``Var(mean) = (MS_patient + MS_seed - MS_residual) / (N S)`` (tests/test_stats_validity.py checks it on a
@@ -55,9 +57,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 NAN = float("nan")
+DF_GUARD_QUANTILE = 0.3
+"""Seed terms enter the Satterthwaite df at their 70% upper bound (``_satterthwaite``). Chosen on a
+simulation separate from the tests' (seed 7, 400 studies per scenario): pooled paired-difference
+coverage with 2 seeds 0.879 -> 0.936, with 3 seeds 0.922 -> 0.936; patient- and noise-dominated
+scenarios stay within 0.93-0.98."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,7 @@ def crossed_mean(rows: Iterable[Mapping[str, Any]], ci: float = 0.95) -> Crossed
         share = sum(row_units[u] for u in members) / total
         term = share ** 2 * float(np.var(d, ddof=1)) / len(members)
         var_seed += term
-        terms.append((term, len(members) - 1))
+        terms.append((term, len(members) - 1, True))
 
     ok = [s for s in per_stratum if s[1] >= 2]
     pooled_s2 = sum((n - 1) * s2 for _, n, _, s2, _, _ in ok) / sum(n - 1 for _, n, *_ in ok)
@@ -211,22 +218,36 @@ def crossed_mean(rows: Iterable[Mapping[str, Any]], ci: float = 0.95) -> Crossed
         e_term = w ** 2 * mse / (n_u * n) if df_e else 0.0
         if p_term - e_term > 0:
             var_patient += p_term - e_term
-            terms.append((p_term, df_p))
+            terms.append((p_term, df_p, False))
             if e_term:
-                terms.append((-e_term, df_e))
+                terms.append((-e_term, df_e, False))
     var = var_seed + var_patient
     balance = math.ceil(len(units) * var_seed / var_patient - 1e-9) if var_patient > 0 else None
     if not var > 0:
         p = 1.0 if estimate == 0 else 0.0
         return CrossedInterval(estimate, estimate, estimate, 0.0, NAN, p, var_patient, var_seed, len(units),
                                n_cases, balance, "no variation between seeds or cases")
-    denom = sum(t ** 2 / d for t, d in terms if d > 0)
-    df = var ** 2 / denom if denom > 0 else NAN
+    df = _satterthwaite(terms)
     se = math.sqrt(var)
-    half = float(stats.t.ppf((1 + ci) / 2, df)) * se
-    p_value = float(2 * stats.t.sf(abs(estimate) / se, df))
+    half = float(special.stdtrit(df, (1 + ci) / 2)) * se   # t quantile
+    p_value = float(2 * special.stdtr(df, -abs(estimate) / se))  # two-sided t
     return CrossedInterval(estimate, estimate - half, estimate + half, se, float(df), p_value, var_patient,
                            var_seed, len(units), n_cases, balance)
+
+
+def _satterthwaite(terms: Sequence[tuple[float, float, bool]]) -> float:
+    """Satterthwaite df of a sum of (signed variance term, its df, is a seed term), seed terms guarded.
+
+    Plain Satterthwaite is liberal when a term has 1-2 df: its df estimate grows exactly in the studies
+    whose seed variance came out small, so the t quantile shrinks when it should not. For the df only
+    (never the SE), each seed term is taken at its one-sided upper confidence bound at level
+    ``1 - DF_GUARD_QUANTILE`` (``term * df / chi2.ppf(DF_GUARD_QUANTILE, df)``), which pulls the df
+    towards ``seeds - 1`` when the seed part is sizeable and leaves it alone when it is small.
+    """
+    guarded = [(t * (d / special.chdtri(d, 1 - DF_GUARD_QUANTILE) if seed else 1.0), d) for t, d, seed in terms]
+    var = sum(t for t, _ in guarded)
+    denom = sum(t ** 2 / d for t, d in guarded if d > 0)
+    return var ** 2 / denom if denom > 0 else NAN
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
