@@ -8,6 +8,9 @@ import pytest
 
 from dualssl.report import write_report
 from dualssl.report.figures import OKABE_ITO, arm_colours
+from dualssl.stats import holm, paired_differences, paired_unseen, unseen_rows
+from dualssl.stats.cases import as_rows
+from dualssl.stats.tables import format_number, format_p
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # (source site, test site) -> Dice of cases c0..c2 for arm plain, seed 0; seed 1 adds 0.02; dual adds 0.1.
@@ -87,3 +90,55 @@ def test_one_source_site_and_no_reference_leave_out_heatmap_and_forest(tmp_path)
 def test_reference_arm_is_black_and_others_okabe_ito():
     colours = arm_colours(["plain", "dual", "bigaug"], "plain")
     assert colours == {"plain": "#000000", "dual": OKABE_ITO[0], "bigaug": OKABE_ITO[1]}
+
+
+def seed_dominated_table(drop_dual_seed: int | None = None) -> list[dict]:
+    """dual - plain = 0.10 under seed 0 and 0.16 under seed 1 (a seed part), plus 0.004 x case index."""
+    rows = table(sweep=False)
+    out = []
+    for r in rows:
+        if r["arm"] == "dual":
+            if r["seed"] == drop_dual_seed and r["source_site"] == "a":
+                continue                                      # the failed cell (dual, seed, source a)
+            r = dict(r, dice=round(r["dice"] + 0.06 * r["seed"] + 0.004 * int(r["case_id"][-1]), 6))
+        out.append(r)
+    return out
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def test_report_shows_crossed_p_holm_effect_size_and_seed_advice(tmp_path):
+    rows = seed_dominated_table()
+    paths = write_report(rows, tmp_path, "Seed-dominated", {})
+    text = paths["markdown"].read_text()
+    per_site = paired_differences(unseen_rows(as_rows(rows)), by=("site",), on_unmatched="drop")
+    # The paired table shows the crossed t-test p and Holm over its arms x sites, not the Wilcoxon p.
+    paired_section = section(text, "Paired difference to plain")
+    assert "| p | p (Holm) | d_z |" in paired_section and "Wilcoxon" not in paired_section
+    assert [d["p_holm"] for d in per_site] == pytest.approx(holm([d["p_value"] for d in per_site]))
+    for d in per_site:
+        cells = [format_number(d["df"], 1), format_p(d["p_value"]), format_p(d["p_holm"]),
+                 format_number(d["effect_size"], 2)]
+        assert f"| dual | {d['site']} | {d['n_pairs']} | 2 | " in paired_section
+        assert " | ".join(cells) in paired_section
+    # Seed part 0.03 x 2 seeds dominates the tiny patient part: the report asks for more seeds.
+    (pooled,) = paired_unseen(rows)
+    assert pooled["se_seed"] > pooled["se_patient"] and pooled["seeds_for_balance"] > 2
+    advice = section(text, "How many seeds")
+    assert f"dual − plain: seed part of the SE {format_number(pooled['se_seed'])}" in advice
+    assert f"about {pooled['seeds_for_balance']} seeds" in advice
+    methods = section(text, "How the numbers were computed")
+    assert "crossed random factors" in methods and "IGNORES SEEDS" in methods and "up to 12.71" in methods
+
+
+def test_failed_cell_leaves_the_report_on_complete_pairs(tmp_path):
+    rows = seed_dominated_table(drop_dual_seed=1)
+    paths = write_report(rows, tmp_path, "One cell failed", {})
+    text = paths["markdown"].read_text()
+    # plain's seed-1 rows of source a on its unseen sites lost their dual partner.
+    lost = sum(1 for r in rows if r["arm"] == "plain" and r["seed"] == 1 and r["source_site"] == "a"
+               and r["site"] != "a")
+    assert f"(dual: {lost} row(s); rows of either arm vs plain)" in section(text, "Unseen sites, pooled (headline)")
+    assert "paired_csv" in paths

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from dualssl.stats import (hierarchical_bootstrap, pair_rows, paired_differences, paired_unseen, pareto_front,
-                           read_cases, summarise, summarise_unseen, wilcoxon_p)
+from dualssl.stats import (crossed_mean, effect_size, hierarchical_bootstrap, pair_rows, paired_differences,
+                           paired_unseen, pareto_front, read_cases, summarise, summarise_unseen, wilcoxon_p)
 
 # Seed 0 and seed 1 of arm "plain", source site "a", tested on "b" (unseen) and "a" (source validation).
 HAND = {
@@ -214,3 +214,43 @@ def test_pareto_front_three_objectives_nan_and_errors():
         pareto_front(points, ["max", "up", "min"])
     with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
         pareto_front(points, ["max", "min"])
+
+
+# ---------------------------------------------------------------- crossed design: missing cells, effect size
+
+def test_missing_cell_of_an_exactly_additive_table_recovers_its_effects():
+    # y = patient + seed exactly; one cell missing. The least-squares fit must recover both sets of effects:
+    # seed part = var(seed effects, ddof 1) / 3, patient part = var(patient levels, ddof 1) / 4, no residual.
+    patient, seed_eff = [0.5, 0.7, 0.6, 0.9], [0.0, 0.06, -0.03]
+    rows = [dict(seed=s, stratum="b", case_id=f"c{p}", value=patient[p] + seed_eff[s])
+            for p in range(4) for s in range(3) if (p, s) != (2, 1)]
+    got = crossed_mean(rows)
+    assert got.var_seed == pytest.approx(np.var(seed_eff, ddof=1) / 3)
+    assert got.var_patient == pytest.approx(np.var(patient, ddof=1) / 4)
+    assert got.n_cases == 4 and got.n_seeds == 3 and got.note == ""
+
+
+def test_effect_size_is_mean_over_sd_of_per_patient_mean_differences():
+    pairs = [dict(site="b", case_id=c, seed=s, diff=d) for c, ds in
+             {"c0": [0.1, 0.3], "c1": [0.0, 0.0], "c2": [0.2, 0.4]}.items() for s, d in enumerate(ds)]
+    per_patient = np.array([0.2, 0.0, 0.3])                  # each patient's mean over its two seeds
+    assert effect_size(pairs) == pytest.approx(np.mean([0.1, 0.3, 0, 0, 0.2, 0.4]) / per_patient.std(ddof=1))
+
+
+def test_drop_unmatched_keeps_complete_pairs_and_counts_the_rest():
+    dual = [r for r in hand_rows("dual", shift=0.05) if not (r["seed"] == 1 and r["site"] == "b")]
+    by_site = {d["site"]: d for d in paired_differences(hand_rows("plain") + dual, on_unmatched="drop")}
+    assert by_site["b"]["n_pairs"] == 3 and by_site["b"]["n_unmatched"] == 3 and by_site["b"]["n_seeds"] == 1
+    assert "one seed" in by_site["b"]["ci_note"] and math.isnan(by_site["b"]["p_value"])
+    assert by_site["a"]["n_pairs"] == 6 and by_site["a"]["n_unmatched"] == 0
+    with pytest.raises(ValueError, match="on_unmatched"):
+        pair_rows(hand_rows("plain") + dual, on_unmatched="ignore")
+
+
+def test_bootstrap_method_is_still_available_and_named():
+    (b,) = [s for s in summarise(hand_rows(), n_boot=300, method="bootstrap") if s["site"] == "b"]
+    assert b["ci_method"] == "bootstrap" and math.isnan(b["df"])
+    assert (b["ci_low"], b["ci_high"]) == pytest.approx(
+        tuple(loop_bootstrap({(0, ("a", "b")): HAND[(0, "b")], (1, ("a", "b")): HAND[(1, "b")]}, 300, 0.95, 0)))
+    with pytest.raises(ValueError, match="method"):
+        summarise(hand_rows(), method="jackknife")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dualssl.report import figures, html, markdown
+from dualssl.report.stats_text import methods_note, seed_advice, unmatched_note
 from dualssl.report.document import Document, Section, Table, facts_from_meta
 from dualssl.stats.bootstrap import DEFAULT_N_BOOT
 from dualssl.stats.cases import as_rows, is_sweep, ordered, unseen_rows
@@ -14,55 +15,54 @@ from dualssl.stats.paired import paired_differences
 from dualssl.stats.summary import FAIL_BELOW, summarise
 from dualssl.stats.tables import format_ci, format_number, format_p, write_csv
 
-METHODS_NOTE = (
-    "Means pool every (seed, case) row. 95% CIs are hierarchical percentile bootstraps "
-    "({n_boot} replicates): training seeds resampled, then cases resampled within each "
-    "(source site, test site). Failure = {metric} < {fail}. Seed std = std of the per-seed means "
-    "(ddof 1); case std = std over cases (ddof 1), the stability measure. Differences are paired on "
-    "(seed, source site, site, case); p = two-sided Wilcoxon signed-rank test on those differences "
-    "(it treats pairs as independent; the CI respects the nesting).")
-
-
 def _pooled_table(pooled: list[dict], paired: list[dict], reference: str, metric: str) -> Table:
     diffs = {r["arm"]: r for r in paired}
     label = figures.metric_label(metric)
-    header = ["arm", "cases", "seeds", f"mean {label} [95% CI]", "median", f"fail < {FAIL_BELOW}",
+    header = ["arm", "cases", "seeds", f"mean {label} [95% CI]", "df", "median", f"fail < {FAIL_BELOW}",
               "case std", "seed std", "worst site (mean)", "site std",
-              f"Δ vs {reference} [95% CI]", "p (Wilcoxon)", "CI excludes 0"]
+              f"Δ vs {reference} [95% CI]", "df (Δ)", "p", "p (Holm)", "d_z", "CI excludes 0"]
     rows = []
     for r in pooled:
         d = diffs.get(r["arm"])
         rows.append([r["arm"], str(r["n_cases"]), str(r["n_seeds"]), format_ci(r["mean"], r["ci_low"], r["ci_high"]),
-                     format_number(r["median"]), f"{100 * r['fail_rate']:.1f}%", format_number(r["case_std"]),
-                     format_number(r["seed_std"]),
+                     format_number(r["df"], 1), format_number(r["median"]), f"{100 * r['fail_rate']:.1f}%",
+                     format_number(r["case_std"]), format_number(r["seed_std"]),
                      f"{r['worst_site']} ({format_number(r['worst_site_mean'])})" if r["worst_site"] else "–",
                      format_number(r["site_std"]),
                      format_ci(d["mean_diff"], d["ci_low"], d["ci_high"]) if d else "–",
-                     format_p(d["p_wilcoxon"]) if d else "–", format_number(d["excludes_zero"]) if d else "–"])
+                     *(_test_cells(d) if d else ["–"] * 4), format_number(d["excludes_zero"]) if d else "–"])
     return Table(header, rows)
+
+
+def _test_cells(d: dict) -> list[str]:
+    """df, p, Holm-adjusted p and effect size of one paired-difference row, formatted."""
+    return [format_number(d["df"], 1), format_p(d["p_value"]), format_p(d["p_holm"]),
+            format_number(d["effect_size"], 2)]
 
 
 def _site_table(site_stats: list[dict], metric: str) -> Table:
     header = ["arm", "source site", "site", "role", "cases", "seeds",
-              f"mean {figures.metric_label(metric)} [95% CI]", "median", f"fail < {FAIL_BELOW}", "seed std",
+              f"mean {figures.metric_label(metric)} [95% CI]", "df", "median", f"fail < {FAIL_BELOW}", "seed std",
               "case std"]
     rows = [[r["arm"], r["source_site"], r["site"], r["role"] or "–", str(r["n_cases"]), str(r["n_seeds"]),
-             format_ci(r["mean"], r["ci_low"], r["ci_high"]), format_number(r["median"]),
+             format_ci(r["mean"], r["ci_low"], r["ci_high"]), format_number(r["df"], 1), format_number(r["median"]),
              f"{100 * r['fail_rate']:.1f}%", format_number(r["seed_std"]), format_number(r["case_std"])]
             for r in site_stats]
     return Table(header, rows)
 
 
 def _paired_table(per_site: list[dict], reference: str) -> Table:
-    header = ["arm", "site", "pairs", f"Δ vs {reference} [95% CI]", "p (Wilcoxon)", "CI excludes 0"]
-    rows = [[r["arm"], r["site"], str(r["n_pairs"]), format_ci(r["mean_diff"], r["ci_low"], r["ci_high"]),
-             format_p(r["p_wilcoxon"]), format_number(r["excludes_zero"])] for r in per_site]
+    header = ["arm", "site", "pairs", "seeds", f"Δ vs {reference} [95% CI]", "df", "p", "p (Holm)", "d_z",
+              "CI excludes 0"]
+    rows = [[r["arm"], r["site"], str(r["n_pairs"]), str(r["n_seeds"]),
+             format_ci(r["mean_diff"], r["ci_low"], r["ci_high"]), *_test_cells(r),
+             format_number(r["excludes_zero"])] for r in per_site]
     return Table(header, rows)
 
 
 def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: str,
                  meta: Mapping[str, Any] | None = None, *, reference: str = "plain", metric: str = "dice",
-                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Path]:
+                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed") -> dict[str, Path]:
     """Write the study report into ``out_dir`` and return its files by name.
 
     Always: ``markdown`` (report.md), ``html`` (report.html, self-contained), ``summary_png``,
@@ -75,11 +75,17 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         meta: study facts for the header (data, sites, arms, seeds, wall_time_s, ...), in order.
         reference: the arm every other arm is compared with.
         metric: the per-case column the report is about.
+        method: ``"crossed"`` (patients x seeds t intervals and tests, ``dualssl.stats.crossed``) or
+            ``"bootstrap"`` (the older hierarchical bootstrap; ``n_boot``/``seed`` only matter there).
+
+    Paired comparisons use complete pairs only: rows whose partner arm has no row (a failed cell) are
+    left out and counted in the text and in ``n_unmatched``.
     """
     rows = as_rows(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stat_kw = dict(metric=metric, n_boot=n_boot, seed=seed)
+    stat_kw = dict(metric=metric, n_boot=n_boot, seed=seed, method=method)
+    pair_kw = dict(stat_kw, reference=reference, on_unmatched="drop")
     arms = ordered((r["arm"] for r in rows), first=[reference])
     colours = figures.arm_colours(arms, reference)
     plain_rows = [r for r in rows if not is_sweep(r)]
@@ -96,15 +102,17 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
     paths["site_csv"] = write_csv(site_stats, out / "site_stats.csv")
     paths["pooled_csv"] = write_csv(pooled, out / "pooled_unseen.csv")
     compare = reference in arms and len(arms) > 1 and bool(unseen)
-    paired_site = by_arm(paired_differences(unseen, reference=reference, by=("site",), **stat_kw)) if compare else []
-    paired_pool = by_arm(paired_differences(unseen, reference=reference, by=(), **stat_kw)) if compare else []
+    paired_site = by_arm(paired_differences(unseen, by=("site",), **pair_kw)) if compare else []
+    paired_pool = by_arm(paired_differences(unseen, by=(), **pair_kw)) if compare else []
     if compare:
         paths["paired_csv"] = write_csv(paired_pool + paired_site, out / "paired_differences.csv")
 
     doc = Document(title, facts_from_meta(meta or {}))
     doc.sections.append(Section(
         "Unseen sites, pooled (headline)",
-        f"Each arm over every unseen-site case of every source site and seed."
+        f"Each arm over every unseen-site case of every source site and seed. CIs, df and p: crossed "
+        f"patients x seeds analysis (see the last section); p (Holm) adjusts over the arms of this table."
+        + unmatched_note(paired_pool, reference)
         + ("" if compare else f" No paired comparison: the table needs the reference arm {reference!r} "
                               f"and at least one other arm."),
         _pooled_table(pooled, paired_pool, reference, metric)))
@@ -118,7 +126,9 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         paths["forest_png"] = figures.save_png(
             figures.forest_figure(paired_site, paired_pool, arms, colours, metric, reference), out / "forest.png")
         doc.sections.append(Section(
-            f"Paired difference to {reference}", "Per unseen test site, pooled over source sites and seeds.",
+            f"Paired difference to {reference}",
+            "Per unseen test site, pooled over source sites and seeds; p (Holm) adjusts over all arms x sites "
+            "of this table." + unmatched_note(paired_site, reference),
             _paired_table(paired_site, reference), paths["forest_png"],
             f"Arm − {reference}, mean of paired differences with 95% CI; the line marks no difference."))
 
@@ -142,8 +152,15 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
                                                    out / "robustness.png")
         doc.sections.append(Section("Robustness to shift severity", figure=paths["robustness_png"],
                                     caption="Mean over sources, seeds and cases per severity; bands = 95% CI."))
-    doc.sections.append(Section("How the numbers were computed",
-                                METHODS_NOTE.format(n_boot=n_boot, metric=metric, fail=FAIL_BELOW)))
+    advice = seed_advice(paired_pool, pooled, reference) if method == "crossed" else ""
+    if advice:
+        doc.sections.append(Section("How many seeds", advice))
+    n_seeds = min((r["n_seeds"] for r in pooled), default=0)
+    note = methods_note(n_seeds, metric, FAIL_BELOW) if method == "crossed" else (
+        f"Bootstrap method: hierarchical percentile bootstrap ({n_boot} replicates) resampling seeds, then "
+        f"cases within each (source site, test site) independently per seed; too narrow when seeds share "
+        f"patients (issue 25), kept for comparison only.")
+    doc.sections.append(Section("How the numbers were computed", note))
 
     paths["markdown"] = out / "report.md"
     paths["markdown"].write_text(markdown.render(doc))
