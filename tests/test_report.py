@@ -142,3 +142,11 @@ def test_failed_cell_leaves_the_report_on_complete_pairs(tmp_path):
                and r["site"] != "a")
     assert f"(dual: {lost} row(s); rows of either arm vs plain)" in section(text, "Unseen sites, pooled (headline)")
     assert "paired_csv" in paths
+
+
+def test_one_seed_gives_no_interval_and_says_why(tmp_path):
+    rows = [r for r in table(sweep=False) if r["seed"] == 0]
+    text = write_report(rows, tmp_path, "One seed", {})["markdown"].read_text()
+    headline = section(text, "Unseen sites, pooled (headline)")
+    assert "Intervals: one seed" in headline and "run >= 2 seeds" in headline
+    assert "| plain | 12 | 1 | 0.521 [–, –] | – |" in headline and "| 0.100 [–, –] | – | – | – | – | no |" in headline

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dualssl.report import figures, html, markdown
-from dualssl.report.stats_text import methods_note, seed_advice, unmatched_note
+from dualssl.report.stats_text import interval_notes, methods_note, seed_advice, unmatched_note
 from dualssl.report.document import Document, Section, Table, facts_from_meta
 from dualssl.stats.bootstrap import DEFAULT_N_BOOT
 from dualssl.stats.cases import as_rows, is_sweep, ordered, unseen_rows
@@ -112,7 +112,7 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         "Unseen sites, pooled (headline)",
         f"Each arm over every unseen-site case of every source site and seed. CIs, df and p: crossed "
         f"patients x seeds analysis (see the last section); p (Holm) adjusts over the arms of this table."
-        + unmatched_note(paired_pool, reference)
+        + unmatched_note(paired_pool, reference) + interval_notes(pooled, paired_pool)
         + ("" if compare else f" No paired comparison: the table needs the reference arm {reference!r} "
                               f"and at least one other arm."),
         _pooled_table(pooled, paired_pool, reference, metric)))

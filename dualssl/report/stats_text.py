@@ -80,3 +80,9 @@ def unmatched_note(paired: Sequence[Mapping[str, Any]], reference: str) -> str:
     parts = ", ".join(f"{arm}: {n} row(s)" for arm, n in lost.items())
     return (f" Rows without a partner in the other arm were left out of the paired comparison "
             f"({parts}; rows of either arm vs {reference}).")
+
+
+def interval_notes(*tables: Sequence[Mapping[str, Any]]) -> str:
+    """The distinct reasons an interval is missing or degenerate (``ci_note``), as one sentence."""
+    notes = list(dict.fromkeys(r["ci_note"] for t in tables for r in t if r.get("ci_note")))
+    return (" Intervals: " + "; ".join(notes) + ".") if notes else ""

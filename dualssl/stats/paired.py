@@ -163,7 +163,7 @@ def paired_differences(rows: Iterable[Mapping[str, Any]], *, reference: str = RE
 def effect_size(pairs: Sequence[Row]) -> float:
     """d_z: mean difference / SD (ddof 1) of the per-patient differences averaged over seeds.
 
-    A patient is (site, case_id). NaN with fewer than two patients or a zero SD.
+    A patient is (site, case_id). NaN with fewer than two patients or a zero SD (up to float rounding).
     """
     per_patient: dict[tuple, list[float]] = {}
     for r in pairs:
@@ -174,7 +174,8 @@ def effect_size(pairs: Sequence[Row]) -> float:
     means = np.array([np.mean(v) for v in per_patient.values()])
     all_diffs = [d for v in per_patient.values() for d in v]
     sd = float(means.std(ddof=1))
-    return float(np.mean(all_diffs)) / sd if sd > 0 else math.nan
+    scale = float(np.abs(means).max())
+    return float(np.mean(all_diffs)) / sd if sd > 1e-9 * max(scale, 1e-12) else math.nan   # float-noise SD = 0
 
 
 def paired_unseen(rows: Iterable[Mapping[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
