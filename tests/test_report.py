@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -126,9 +127,11 @@ def test_report_shows_crossed_p_holm_effect_size_and_seed_advice(tmp_path):
     # Seed part 0.03 x 2 seeds dominates the tiny patient part: the report asks for more seeds.
     (pooled,) = paired_unseen(rows)
     assert pooled["se_seed"] > pooled["se_patient"] and pooled["seeds_for_balance"] > 2
+    # 2 seeds per source site; the seed part falls as 1/seeds: balance at 2 x var_seed / var_patient seeds.
+    assert pooled["seeds_for_balance"] == math.ceil(2 * pooled["se_seed"] ** 2 / pooled["se_patient"] ** 2)
     advice = section(text, "How many seeds")
     assert f"dual − plain: seed part of the SE {format_number(pooled['se_seed'])}" in advice
-    assert f"about {pooled['seeds_for_balance']} seeds" in advice
+    assert f"about {pooled['seeds_for_balance']} seeds (per source site)" in advice
     methods = section(text, "How the numbers were computed")
     assert "crossed random factors" in methods and "IGNORES SEEDS" in methods and "up to 12.71" in methods
 

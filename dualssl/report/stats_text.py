@@ -62,7 +62,8 @@ def seed_advice(paired: Sequence[Mapping[str, Any]], pooled: Sequence[Mapping[st
         if se_seed is None or se_pat is None or math.isnan(se_seed) or math.isnan(se_pat) or se_seed <= se_pat:
             continue
         what = f"{r['arm']} − {reference}" if "mean_diff" in r else f"mean of {r['arm']}"
-        target = f"about {need} seeds" if need is not None else "more seeds (the patient part is ~0)"
+        target = (f"about {need} seeds (per source site)" if need is not None
+                  else "more seeds (the patient part is ~0)")
         lines.append(f"{what}: seed part of the SE {format_number(se_seed)} > patient part "
                      f"{format_number(se_pat)} with {r['n_seeds']} seeds; {target} would bring the seed part "
                      f"down to the patient part.")

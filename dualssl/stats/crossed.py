@@ -72,8 +72,8 @@ class CrossedInterval:
     """A mean, its crossed-design t interval and test of ``mean = 0``, and the variance split.
 
     ``var_patient`` + ``var_seed`` = ``se**2``; ``seeds_for_balance`` = smallest seed count (>= 2) at
-    which the seed part would be no larger than the patient part, counting model units (source site x
-    seed) as seeds (None when the patient part is 0 or not computable).
+    which the seed part would be no larger than the patient part, in seeds per block (source site)
+    (None when the patient part is 0 or not computable).
     """
 
     estimate: float
@@ -224,7 +224,7 @@ def crossed_mean(rows: Iterable[Mapping[str, Any]], ci: float = 0.95) -> Crossed
                 terms.append((-e_term, df_e, False))
     var = var_seed + var_patient
     # Seeds at which the seed part (falls as 1/seeds) would equal the patient part; 2 at least (1 gives no CI).
-    balance = max(2, math.ceil(len(units) * var_seed / var_patient - 1e-9)) if var_patient > 0 else None
+    balance = max(2, math.ceil(len(units) / len(blocks) * var_seed / var_patient - 1e-9)) if var_patient > 0 else None
     if not var > 0:
         p = 1.0 if estimate == 0 else 0.0
         return CrossedInterval(estimate, estimate, estimate, 0.0, NAN, p, var_patient, var_seed, len(units),
