@@ -10,8 +10,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dualssl.stats.tables import format_number
-
 METHODS_NOTE = (
     "Means pool every (seed, case) row, so a site weighs by its number of cases. "
     "**What is modelled.** Every case (patient) is scored by every trained model, so patients and models "
@@ -64,8 +62,8 @@ def seed_advice(paired: Sequence[Mapping[str, Any]], pooled: Sequence[Mapping[st
         what = f"{r['arm']} − {reference}" if "mean_diff" in r else f"mean of {r['arm']}"
         target = (f"about {need} seeds (per source site)" if need is not None
                   else "more seeds (the patient part is ~0)")
-        lines.append(f"{what}: seed part of the SE {format_number(se_seed)} > patient part "
-                     f"{format_number(se_pat)} with {r['n_seeds']} seeds; {target} would bring the seed part "
+        lines.append(f"{what}: seed part of the SE {se_seed:.3g} > patient part "
+                     f"{se_pat:.3g} with {r['n_seeds']} seeds; {target} would bring the seed part "
                      f"down to the patient part.")
     if not lines:
         return ""
