@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import ray
-
 from dualssl.config import Config
 from dualssl.data.datalist import Case, DatasetError, load_dataset, split_cases
 
@@ -77,6 +75,8 @@ def _progress(total: int, what: str):
 def _run_tasks(fn, cases: Sequence[Case], args: tuple, what: str) -> list[Any]:
     """``fn(case, *args)`` as one Ray task per case; results in ``cases`` order. The first failure
     cancels the rest and raises :class:`StudyError` with the task's message (it names the file)."""
+    import ray
+
     from studies.preflight import StudyError
 
     remote = ray.remote(fn)
@@ -229,3 +229,44 @@ def log_to_parent(tracking_uri: str, parent: str, data: DataPass) -> None:
     for key, value in params.items():
         if key not in existing:  # a resumed study keeps its first values (MLflow params are immutable)
             client.log_param(parent, key, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python studies/preprocess.py FLAGS``: the data pass alone, with the very flags of
+    ``studies/tune.py`` (the RayJob runs it as the step before the study, whose own pass then finds
+    every case cached). Exit 2 on a bad flag or scan, naming it."""
+    from studies.local_cluster import needs_private_head, reserve_auth, study_cluster
+    from studies.preflight import StudyError, build_parser, console_defaults, prepare
+
+    parser = build_parser()
+    parser.prog, parser.description = "studies/preprocess.py", "The data pass of a study alone (flags of tune.py)."
+    args = parser.parse_args(argv)
+    if needs_private_head(args.address):
+        reserve_auth()
+    console_defaults(args.verbose)
+    try:
+        plan = prepare(args)
+        if args.data is None:
+            raise StudyError(["--data: the data pass needs a dataset (tune.py makes its phantom itself)"])
+        plan.cfg.data.root = str(args.data.expanduser().resolve())
+        plan.study_dir.mkdir(parents=True, exist_ok=True)
+        with study_cluster(args.address) as address:
+            from studies.tune import connect
+
+            connect(address, log_to_driver=args.verbose)
+            prepare_data(plan.cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb)
+    except StudyError as exc:
+        print(f"studies/preprocess.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
