@@ -111,7 +111,7 @@ def test_one_pass_writes_each_case_once_and_a_study_then_only_reads(dataset, tmp
     # pass 3 after one scan was rewritten: that case alone again (a new key), the others untouched
     assert third["written"] == 1 and len(third["files"]) == len(cases) + 1
     assert {k: v for k, v in third["files"].items() if k in first["files"]} == first["files"]
-    assert "fingerprint" in done.stdout and (storage / "dualssl-smoke" / "fingerprint" / "fingerprint.json").is_file()
+    assert "spacing X,Y,Z" in done.stdout and (storage / "dualssl-smoke" / "fingerprint" / "fingerprint.json").is_file()
 
     # A whole study on the same cache: its pass writes nothing and its trial reads without writing.
     folder = Path(third["folder"])
