@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-workers", type=int, default=2)
     p.add_argument("--eval-config", type=Path, default=REPO / "cluster" / "full-size.yaml")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an existing phantom root instead of writing one (e.g. one written at scale 1.0 before)")
+    p.add_argument("--no-arms", action="store_true", help="only fingerprint, plan, evaluation time and NIH")
     p.add_argument("--nih", type=Path, default=REPO.parent / "shared" / "data" / "real" / "nih_pancreas_ct_0001")
     args = p.parse_args(argv)
 
@@ -160,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
 
     reserve_auth()
     from dualssl.config import Config
-    from dualssl.data.datalist import load_datalist, split_cases
+    from dualssl.data.datalist import load_datalist
     from dualssl.data.fingerprint import fingerprint_cases, site_differences, summarise_sites
     from dualssl.data.fingerprint_io import site_table, write_fingerprint
     from dualssl.data.phantom import generate_dataset
     from dualssl.data.plan import plan_from_fingerprint
 
     sites = [s for s in args.sites.split(",") if s]
-    root = args.out / f"phantom-{args.scale:g}-{len(sites)}x{args.cases_per_site}"
+    root = args.data or args.out / f"phantom-{args.scale:g}-{len(sites)}x{args.cases_per_site}"
     results: dict = {"scale": args.scale, "sites": sites, "cases_per_site": args.cases_per_site,
                      "consumers": args.consumers, "cpus": os.cpu_count()}
     t = time.time()
@@ -194,25 +197,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.root, cfg.data.source_sites = str(root), [sites[0]]
     cfg.data.cache_dir = str(args.out / "cache")
     cfg.data.num_workers = 0
-    with study_cluster(None) as address:
-        from studies.tune import connect
+    if not args.no_arms:
+        with study_cluster(None) as address:
+            from studies.tune import connect
 
-        connect(address, log_to_driver=False)
-        results["lazy"] = arm("lazy", cfg, args.consumers, one_pass=False)
-        results["one_pass"] = arm("one pass", cfg, args.consumers, one_pass=True)
-    import ray
+            connect(address, log_to_driver=False)
+            results["lazy"] = arm("lazy", cfg, args.consumers, one_pass=False)
+            results["one_pass"] = arm("one pass", cfg, args.consumers, one_pass=True)
+            import ray
 
-    ray.shutdown()
+            ray.shutdown()
 
     if not args.skip_eval:
-        split = split_cases(cases, [sites[0]], cfg.data.val_fraction, cfg.data.split_seed)
-        test_case = split.test[sites[1]][0]
+        test_case = next(c for c in cases if c.site != sites[0])
         results["eval"] = eval_time(args.eval_config, test_case, f"phantom scale {args.scale:g}, CPU, untrained net")
         print(f"[bench] evaluation of one test case: {results['eval']}", flush=True)
     results["nih"] = nih(args.nih, args.out / "nih-cache")
     print(f"[bench] NIH: {results['nih']}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(table(results))
+    if not args.no_arms:
+        print(table(results))
     return 0
 
 

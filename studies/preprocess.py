@@ -80,7 +80,10 @@ def _run_tasks(fn, cases: Sequence[Case], args: tuple, what: str) -> list[Any]:
     from studies.preflight import StudyError
 
     remote = ray.remote(fn)
-    refs = [remote.options(num_cpus=1, memory=task_memory_bytes(c), max_retries=0).remote(c, *args)
+    # never more than most of the largest node's memory resource: a bigger request would wait forever
+    largest = max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    cap = int(0.9 * largest) if largest > 0 else None
+    refs = [remote.options(num_cpus=1, memory=min(task_memory_bytes(c), cap or 2**62), max_retries=0).remote(c, *args)
             for c in cases]
     index = {r: i for i, r in enumerate(refs)}
     results: list[Any] = [None] * len(refs)

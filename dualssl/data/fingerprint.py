@@ -168,7 +168,7 @@ def summarise_sites(rows: Sequence[CaseFingerprint]) -> dict[str, dict[str, Any]
         sites.setdefault(r.site, []).append(r)
     out: dict[str, dict[str, Any]] = {}
     for site, cases in sorted(sites.items()):
-        pooled = np.concatenate([np.asarray(c.label_sample, dtype=np.float64) for c in cases]) if cases else np.array([])
+        pooled = np.concatenate([np.asarray(c.label_sample, dtype=np.float64) for c in cases])
         out[site] = {
             "count": len(cases),
             "spacing": [_dist(c.spacing[a] for c in cases) for a in range(3)],

@@ -11,7 +11,7 @@ The rule (in the spirit of nnU-Net v2's ``ExperimentPlanner``; every step is pri
    pooled with the same number of samples per case (:mod:`dualssl.data.fingerprint`), rounded to
    whole HU. This is nnU-Net's CT clipping range; we map it to [0, 1] as ``data.hu_window``.
 3. **Patch size.** Start from the median image extent at the target spacing (median over cases of
-   ``shape * spacing / target``), each axis rounded down to a multiple of 8 and capped at
+   ``shape * spacing / target``, rounded to whole voxels), each axis rounded down to a multiple of 8 and capped at
    :data:`MAX_PATCH`; while the estimated training memory (:func:`estimated_memory_gb`) exceeds the
    budget per device, take 8 voxels off the axis with the largest extent in mm (ties: the later axis).
    Each axis stays >= :data:`MIN_PATCH`; if even that does not fit, the plan fails naming the budget.
@@ -159,7 +159,7 @@ def plan_from_fingerprint(rows: Sequence[CaseFingerprint], cfg: Config,
     samples = np.concatenate([np.asarray(r.label_sample, dtype=np.float64) for r in mine])
     window, why_window = plan_window(samples)
     extents = np.asarray([[n * s for n, s in zip(r.shape, r.spacing)] for r in mine], dtype=np.float64)
-    extent = np.median(extents, axis=0) / np.asarray(spacing)
+    extent = np.round(np.median(extents, axis=0) / np.asarray(spacing))  # 512 x 0.859375 / 0.8594 -> 512
     patch, est, why_patch = plan_patch(extent, spacing, cfg, memory_gb)
     head = f"planned from {len(mine)} case(s) of {', '.join(sources)}:"
     return DataPlan(sources, spacing, window, patch, memory_gb, est, [head, why_spacing, why_window, why_patch])
