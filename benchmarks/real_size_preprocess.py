@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None,
                    help="an existing phantom root instead of writing one (e.g. one written at scale 1.0 before)")
     p.add_argument("--no-arms", action="store_true", help="only fingerprint, plan, evaluation time and NIH")
-    p.add_argument("--nih", type=Path, default=REPO.parent / "shared" / "data" / "real" / "nih_pancreas_ct_0001")
+    shared = Path(os.environ.get("DUALSSL_SHARED_DATA", REPO.parent / "shared" / "data"))  # as tests/conftest.py
+    p.add_argument("--nih", type=Path, default=shared / "real" / "nih_pancreas_ct_0001",
+                   help="the NIH scan's folder (ct.nii.gz, pancreas.nii.gz; default: DUALSSL_SHARED_DATA or ../shared/data)")
     args = p.parse_args(argv)
 
     from studies.local_cluster import reserve_auth, study_cluster
