@@ -20,7 +20,10 @@ The memory estimate is a model, not a measurement: fp32 activations kept for the
 :data:`ACTIVATIONS_PER_LEVEL` tensors of the level's width per voxel at each U-Net level (two
 convolutions with norm and activation in the encoder and in the decoder, plus the skip), times the
 patches in a batch (``batch_size x samples_per_volume``), times 1.5 when the restoration branch
-runs its second forward pass, plus the parameters with Adam's two moments.
+runs its second forward pass, plus the parameters with Adam's two moments. Checked once, on CPU
+(fp32 autograd, peak RSS growth of one forward and backward): patch 48 x 48 x 32, 4 patches, widths
+32-256, no restoration: 0.68 GB measured, 0.74 GB estimated. Not calibrated on a GPU (cuDNN workspaces,
+the allocator's cache and mixed precision move it either way): give ``--plan-memory-gb`` with a margin.
 """
 
 from __future__ import annotations
