@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"scale": args.scale, "sites": sites, "cases_per_site": args.cases_per_site,
                      "consumers": args.consumers, "cpus": os.cpu_count()}
     t = time.time()
-    if not (root / "dataset.json").is_file():
+    if args.data is None and not (root / "dataset.json").is_file():
         generate_dataset(root, sites=sites, cases_per_site=args.cases_per_site, seed=0, scale=args.scale,
                          workers=args.gen_workers)
         results["generate_s"] = round(time.time() - t, 1)
