@@ -1,4 +1,4 @@
-"""The ``dualssl`` command: phantom, verify-dataset, train, evaluate, predict.
+"""The ``dualssl`` command: phantom, verify-dataset, fingerprint, train, evaluate, predict.
 
 Each subcommand parses its flags here and calls one library function; imports are lazy so
 that ``dualssl --help`` answers at once.
@@ -32,6 +32,18 @@ def add_phantom_option_flags(parser: argparse.ArgumentParser) -> None:
                         help="around the pancreas: fat (default: a fat plane) or packed (bowel loops abut it)")
     parser.add_argument("--pancreas-fat", type=float, default=None, metavar="FACTOR",
                         help="factor on the site's interlobular fat of the pancreas (default 1; 0 = a lean gland)")
+
+
+def add_plan_flags(parser: argparse.ArgumentParser) -> None:
+    """``--plan`` and its budget (shared with the studies)."""
+    parser.add_argument("--plan", choices=("none", "auto"), default="none",
+                        help="auto: set data.spacing, data.hu_window and data.patch_size from the source site's "
+                             "fingerprint (dualssl/data/plan.py; the reasons are printed); none (default): the config's")
+    parser.add_argument("--plan-memory-gb", type=float, default=None,
+                        help="--plan auto: training memory per device the patch must fit (default: "
+                             "dualssl.data.plan.DEFAULT_MEMORY_GB, 8)")
+    parser.add_argument("--plan-workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                        help=argparse.SUPPRESS)
 
 
 def phantom_options_from_args(args: argparse.Namespace) -> "PhantomOptions":
@@ -79,6 +91,46 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1 if fatal else 0
 
 
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from dualssl.data.datalist import load_datalist
+    from dualssl.data.fingerprint import fingerprint_cases, site_differences, summarise_sites
+    from dualssl.data.fingerprint_io import site_table, write_fingerprint
+
+    cases = load_datalist(args.data)
+    rows = fingerprint_cases(cases, workers=args.workers,
+                             progress=lambda i, n: print(f"\r[fingerprint] {i}/{n} cases", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    summary = summarise_sites(rows)
+    source = args.source or None
+    differences = site_differences(summary, source) if source else {}
+    print(site_table(summary, differences, source))
+    if args.out:
+        for kind, path in write_fingerprint(args.out, rows, summary, differences, source).items():
+            print(f"{kind}: {path}")
+    return 0
+
+
+def plan_config(cfg, data: Path, memory_gb: float | None, out: Path | None = None, workers: int = 1):
+    """``--plan auto``: fingerprint the source site(s) of ``data``, set spacing, HU window and patch size
+    (:mod:`dualssl.data.plan`), print the reasons and write ``plan.json`` (and the fingerprint) to ``out``."""
+    import json
+
+    from dualssl.data.datalist import load_datalist
+    from dualssl.data.fingerprint import fingerprint_cases, summarise_sites
+    from dualssl.data.fingerprint_io import write_fingerprint
+    from dualssl.data.plan import DEFAULT_MEMORY_GB, plan_from_fingerprint
+
+    cases = [c for c in load_datalist(data) if c.site in cfg.data.source_sites]
+    rows = fingerprint_cases(cases, workers=workers)
+    plan = plan_from_fingerprint(rows, cfg, memory_gb=memory_gb or DEFAULT_MEMORY_GB)
+    plan.apply(cfg)
+    print("[plan] --plan auto " + "\n".join(plan.reasons))
+    if out is not None:
+        write_fingerprint(out, rows, summarise_sites(rows), figure=False)
+        (Path(out) / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    return plan
+
+
 def _load_config(args: argparse.Namespace):
     from dualssl.config import Config
 
@@ -98,6 +150,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg.validate()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plan == "auto":
+        plan_config(cfg, args.data, args.plan_memory_gb, out, workers=args.plan_workers)
     cfg.save(out / "config.yaml")
     resume = out / "checkpoint_latest.pt" if args.resume else None
     result = fit(cfg, callbacks=[ConsoleLogger(), CheckpointSaver(out), RunSummary(out)], resume_from=resume, out_dir=out)
@@ -158,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, help="dataset root or CSV/JSON list")
     p.set_defaults(func=_cmd_verify)
 
+    p = sub.add_parser("fingerprint", help="per-site spacing, shape, orientation, intensity and label statistics")
+    p.add_argument("data", type=Path, help="dataset root or CSV/JSON list")
+    p.add_argument("--source", default="", help="source site: say how every other site differs from it")
+    p.add_argument("--out", type=Path, default=None, help="folder for fingerprint.json, .csv and .png")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="processes reading cases (one case each at a time)")
+    p.set_defaults(func=_cmd_fingerprint)
+
     p = sub.add_parser("train", help="train on source site(s) without Ray")
     p.add_argument("--data", required=True, type=Path, help="dataset root or CSV/JSON list")
     p.add_argument("--source", default="", help="comma-separated source site(s)")
@@ -165,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. loss.tau=0.1")
     p.add_argument("--resume", action="store_true", help="resume from OUT/checkpoint_latest.pt")
+    add_plan_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="per-case and per-site metrics of a checkpoint")

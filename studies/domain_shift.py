@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap replicates of the report")
     p.add_argument("--skip-resource-check", action="store_true")
     p.add_argument("--verbose", action="store_true", help="also print Ray's per-worker output")
+    from dualssl.cli import add_plan_flags
+
+    add_plan_flags(p)  # --plan auto: spacing, HU window, patch from the (first) source site's fingerprint
     return p
 
 
@@ -330,6 +333,11 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                args.cpus_per_worker, args.gpus_per_worker)
     if not args.skip_resource_check:
         check_resources(resources, ray.cluster_resources(), cluster_nodes())
+    # 3b. Before any cell: fingerprint, --plan auto, every cell's cases preprocessed once (studies/preprocess.py).
+    from studies.preprocess import cell_configs, log_to_parent, prepare_data
+
+    data_pass = prepare_data(cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb,
+                             cell_configs=cell_configs(cfg, plan.cells), source_sets=[[s] for s in plan.source_sites])
     settings = trainable_mod.TrialSettings(
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{plan.storage}/{plan.experiment}/train_runs",
@@ -351,6 +359,8 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,
                 "resources": asdict(resources), "kind": "domain-shift"}
+    manifest.update(plan=data_pass.plan, cache_dirs=data_pass.cache_dirs)
+    log_to_parent(tracking_uri, parent, data_pass)
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
 
     # 5. The grid: one Tune trial per cell, no early stopping (every arm gets the same schedule).
@@ -390,12 +400,30 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 "wall_time_s": round(time.time() - started)}
         paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
                              meta, n_boot=args.n_boot)
+        add_fingerprint_section(paths["markdown"], data_pass)
         summary["report"] = {k: str(v) for k, v in paths.items()}
         _log_parent(tracking_uri, parent, plan.study_dir, paths)
     summary["wall_time_s"] = time.time() - started
     manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done))
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return summary
+
+
+def add_fingerprint_section(markdown: Path, data_pass: Any) -> None:
+    """The data pass's fingerprint figure and site differences appended to the report (phantom: a fixture)."""
+    import shutil
+
+    folder = Path(data_pass.fingerprint_dir or "")
+    if not (folder / "fingerprint.png").is_file():
+        return
+    shutil.copy(folder / "fingerprint.png", markdown.parent / "fingerprint.png")
+    lines = ["", "## Dataset fingerprint", "", "![per-site fingerprint](fingerprint.png)", ""]
+    lines += [f"- {site}: {'; '.join(notes) or 'no difference above the tolerances'}"
+              for site, notes in data_pass.differences.items()]
+    if data_pass.plan:
+        lines += ["", "Planned with `--plan auto`:", *[f"- {r}" for r in data_pass.plan["reasons"]]]
+    with markdown.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path]) -> None:

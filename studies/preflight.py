@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dualssl.cli import add_plan_flags
 from dualssl.config import Config, ConfigError
 from dualssl.recipes import apply_recipe
 from studies.objectives import OBJECTIVES, parse_objectives
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export this trial instead of the one the selection rule picks")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's per-worker logs and Train's per-report lines on the terminal")
+    add_plan_flags(p)  # --plan auto: spacing, HU window, patch from the source site's fingerprint
     p.add_argument("--fail-at-epoch", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fault injection
     # tests: "trial" kills a worker of every trial once, "study" of the first trial to get there only
     p.add_argument("--fail-scope", choices=("trial", "study"), default="trial", help=argparse.SUPPRESS)

@@ -250,6 +250,11 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
                                args.cpus_per_worker, args.gpus_per_worker)
     if not args.skip_resource_check:
         check_resources(resources, cluster, cluster_nodes())
+    # 3b. Before any trial: every case fingerprinted once, --plan auto, every trial's case preprocessed
+    # once into the shared cache by Ray tasks (studies/preprocess.py); a bad scan stops the study here.
+    from studies.preprocess import log_to_parent, prepare_data
+
+    data_pass = prepare_data(cfg, study_dir, plan=args.plan, memory_gb=args.plan_memory_gb)
     settings = trainable_mod.TrialSettings(
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{storage}/{experiment}/train_runs",
@@ -278,6 +283,8 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
                 "data_root": cfg.data.root, "resources": asdict(resources), "searched": sorted(search),
                 "objectives": plan.objectives, "optuna_storage": optuna_spec, "optuna_study": experiment,
                 "num_samples": num_samples, "epochs": cfg.optim.epochs}
+    manifest.update(plan=data_pass.plan, cache_dirs=data_pass.cache_dirs)
+    log_to_parent(tracking_uri, parent, data_pass)
     write_manifest(study_dir, manifest)
     scheduler = make_scheduler(cfg, args)
     describe_study(tracking_uri, parent, manifest, type(scheduler).__name__ == "MeasuredASHA")

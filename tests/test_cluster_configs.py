@@ -78,7 +78,7 @@ def test_kuberay_manifests_pass_schema_and_ray_autoscaler_derivation(name):
 
 def test_rayjob_runs_the_study_with_shared_storage_and_mlflow_server():
     (job,) = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
-    args = _tune_args(job["spec"]["entrypoint"])
+    args = _tune_args(job["spec"]["entrypoint"].split("&&")[-1].strip())  # the study, after the data pass
     assert args.storage_path.startswith("/mnt/shared/") and args.mlflow_tracking_uri == "http://127.0.0.1:5000"
     assert args.gpus_per_worker >= 1
     from dualssl.config import Config
@@ -201,8 +201,8 @@ def test_the_one_dashboard_off_loopback_is_fenced_by_a_network_policy():
     (policy,) = _docs(CLUSTER / "kuberay" / "network-policy.yaml")
     assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    same_namespace, operator = policy["spec"]["ingress"]
-    assert same_namespace == {"from": [{"podSelector": {}}]}  # no namespaceSelector: this namespace only
+    ray_pods, _submitter, operator = policy["spec"]["ingress"]
+    assert "namespaceSelector" not in ray_pods["from"][0]  # this namespace only
     assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
     assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
     (db_policy,) = [d for d in _docs(CLUSTER / "mlflow" / "mlflow.yaml") if d["kind"] == "NetworkPolicy"]
@@ -274,3 +274,85 @@ def test_serve_script_refuses_a_password_in_the_store_uri_or_a_missing_password_
     assert out.returncode == 2 and "is not a readable file" in out.stderr
     out = _serve({"MLFLOW_DB_HOST": "db"}, tmp_path)
     assert out.returncode == 2 and "MLFLOW_ARTIFACTS" in out.stderr
+
+
+# --- safe to apply: token auth from a Secret, pinned images, the head fenced, the data pass as a step -----
+
+_PINNED = re.compile(r"^[\w.\-/]+(:[\w][\w.\-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+
+
+def _images(name: str) -> list[str]:
+    (doc,) = _docs(CLUSTER / "kuberay" / name)
+    pods = [pod for _, pod in _pod_specs(name)]
+    if doc["kind"] == "RayJob":
+        pods.append(doc["spec"]["submitterPodTemplate"]["spec"])
+    return [c["image"] for pod in pods for c in pod["containers"]]
+
+
+def _is_pinned(image: str) -> bool:
+    """An exact tag (not latest) or a digest."""
+    if not _PINNED.match(image):
+        return False
+    if "@sha256:" in image:
+        return True
+    tag = image.rsplit("/", 1)[-1].partition(":")[2]
+    return bool(tag) and tag != "latest"
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_clusters_use_ray_token_auth_from_a_secret(name):
+    spec = _ray_cluster_spec(name)
+    assert spec["authOptions"] == {"mode": "token", "secretName": "dualssl-ray-token"}
+    (doc,) = _docs(CLUSTER / "kuberay" / name)
+    jsonschema.validate(doc, _schema("kuberay.schema.json"))
+    bad = copy.deepcopy(doc)
+    (bad["spec"] if doc["kind"] == "RayCluster" else bad["spec"]["rayClusterSpec"])["authOptions"] = {"mode": "tokens"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, _schema("kuberay.schema.json"))
+    # no token in a manifest: only the Secret holds it, and the README creates it from random bytes
+    for path, value in _walk(doc):
+        assert "RAY_AUTH_TOKEN" not in str(path) + str(value), path
+    readme = (CLUSTER / "README.md").read_text()
+    assert 'create secret generic dualssl-ray-token --from-literal=auth_token="$(openssl rand' in readme
+
+
+def test_every_image_is_pinned_to_an_exact_tag_or_digest():
+    images = [*_images("raycluster.yaml"), *_images("rayjob.yaml")]
+    assert images and all(_is_pinned(i) for i in images), images
+    assert len(set(images)) == 1  # the image built from cluster/Dockerfile, everywhere
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = next(ln.split()[1] for ln in dockerfile.splitlines() if ln.startswith("FROM "))
+    assert _is_pinned(base) and images[0] in dockerfile
+    assert not _is_pinned("ghcr.io/example/dualssl:latest") and not _is_pinned("ghcr.io/example/dualssl")
+    assert _is_pinned("ghcr.io/example/dualssl@sha256:" + "0" * 64)
+
+
+def test_network_policy_opens_the_head_only_to_the_cluster_pods_the_submitter_and_the_operator():
+    (policy,) = _docs(CLUSTER / "kuberay" / "network-policy.yaml")
+    jsonschema.validate(policy, _schema("kubernetes.schema.json"))
+    own, submitter, operator = policy["spec"]["ingress"]
+    (own_from,) = own["from"]
+    assert set(own_from) == {"podSelector"}  # no namespaceSelector: this namespace's Ray pods only
+    assert own_from["podSelector"]["matchExpressions"] == [
+        {"key": "ray.io/node-type", "operator": "In", "values": ["head", "worker"]}]
+    assert submitter["ports"] == operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    (job,) = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
+    labels = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert submitter["from"] == [{"podSelector": {"matchLabels": labels}}]
+    assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    # the head's GCS, client and dashboard ports are those the policy fences (its selector: the head)
+    head = _pod_specs("raycluster.yaml")[0][1]["containers"][0]
+    assert {p["containerPort"] for p in head["ports"]} <= {6379, 10001, 8265}
+
+
+def test_rayjob_runs_the_data_pass_as_a_step_before_the_study_with_the_same_flags():
+    from studies.preflight import build_parser
+
+    (job,) = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
+    steps = [s.strip() for s in job["spec"]["entrypoint"].split("&&")]
+    assert len(steps) == 2
+    first, second = (shlex.split(s) for s in steps)
+    assert first[:2] == ["python", "/app/studies/preprocess.py"] and second[:2] == ["python", "/app/studies/tune.py"]
+    assert first[2:] == second[2:]
+    args = build_parser().parse_args(first[2:])
+    assert args.data is not None and str(args.data).startswith("/mnt/shared/")

@@ -144,6 +144,36 @@ class SharedPersistentDataset(PersistentDataset):
         return item
 
 
+def cache_file(case: Case, folder: str | Path) -> Path:
+    """The cache file of ``case`` in ``folder`` (a ``cache_dir_for`` folder): the name
+    :class:`SharedPersistentDataset` reads and writes (:func:`case_key`, no transform hash)."""
+    return Path(folder) / f"{case_key(case.as_dict()).decode('utf-8')}.pt"
+
+
+def ensure_cached(case: Case, cfg: DataConfig, folder: str | Path,
+                  label_values: Sequence[int] | None = None) -> bool:
+    """Preprocess ``case`` into ``folder`` unless its file is already there; True if it was written.
+
+    The one-pass preprocessing of a study (``studies/preprocess.py``) calls this once per case, so
+    trials find every file present and only read. Memory: one case's pipeline (the scan as stored,
+    its resampled float32 copy and the label). Raises :class:`DatasetError` naming the file.
+    """
+    target = cache_file(case, folder)
+    if target.is_file():
+        return False
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    ds = SharedPersistentDataset(data=[case.as_dict()], transform=T.preprocess_transforms(cfg, label_values=label_values),
+                                 cache_dir=folder, hash_func=case_key, track_meta=True)
+    try:
+        ds[0]
+    except DatasetError:
+        raise
+    except Exception as exc:  # MONAI/torch errors: name the scan
+        raise DatasetError(f"{case.image}: preprocessing failed ({type(exc).__name__}: {exc}); check the scan "
+                           "with `dualssl verify-dataset`") from exc
+    return True
+
+
 class _Then(Dataset):
     """Items of ``base`` followed by a random transform (kept out of the cache)."""
 
