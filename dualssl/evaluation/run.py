@@ -211,7 +211,7 @@ def predict_paths(model_or_ckpt: Predictor | str | Path, inputs: Sequence[str | 
 
     Args:
         model_or_ckpt: a ``Predictor``, a training checkpoint file (``.pt``), or an exported model
-            folder / MLflow model URI (``models:/NAME@ALIAS``, read by ``dualssl.export.load_model``).
+            folder / MLflow model URI (``models:/NAME@ALIAS``, read by ``dualssl.evaluation.model_folder.load_model``).
         inputs: files or folders of ``.nii``/``.nii.gz``.
         output: one input file -> the output file (``.nii``/``.nii.gz``, or an existing folder);
             several inputs -> a folder, one mask per input under the input's file name.
@@ -228,7 +228,7 @@ def predict_paths(model_or_ckpt: Predictor | str | Path, inputs: Sequence[str | 
         raise FileNotFoundError(f"{model_or_ckpt}: not found; give a training checkpoint (.pt), an exported "
                                 f"model folder or an MLflow model URI such as models:/NAME@ALIAS")
     else:  # an exported model folder or an MLflow model URI
-        from dualssl.export import load_model
+        from dualssl.evaluation.model_folder import load_model
 
         predictor = Predictor(*load_model(model_or_ckpt))
     files = _expand_inputs(inputs)
