@@ -157,6 +157,17 @@ def make_scheduler(cfg: Config, args: argparse.Namespace):
                          grace_period=grace, reduction_factor=2, stop_last_trials=False)
 
 
+def registered_model_name(args: argparse.Namespace) -> str:
+    """The study's model name in the registry: ``--model-name`` (default ``dualssl-pancreas``), with
+    ``-smoke`` appended for ``--smoke-test`` so that a smoke study never adds a version to (or moves
+    the aliases of) a user's model; ``export_best.registry_target`` appends ``-oracle`` for oracle studies."""
+    from dualssl.export import REGISTERED_MODEL_NAME
+    from studies.export_best import SMOKE_SUFFIX
+
+    name = getattr(args, "model_name", None) or REGISTERED_MODEL_NAME
+    return f"{name}{SMOKE_SUFFIX}" if args.smoke_test and not name.endswith(SMOKE_SUFFIX) else name
+
+
 def selection_metric_tag(cfg: Config, selection: str) -> str:
     from studies.trainable import ORACLE_METRIC
 
@@ -277,7 +288,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
                 "selection_metric": cfg.eval.selection_metric, "source_sites": cfg.data.source_sites,
                 "data_root": cfg.data.root, "resources": asdict(resources), "searched": sorted(search),
                 "objectives": plan.objectives, "optuna_storage": optuna_spec, "optuna_study": experiment,
-                "num_samples": num_samples, "epochs": cfg.optim.epochs}
+                "num_samples": num_samples, "epochs": cfg.optim.epochs, "model_name": registered_model_name(args)}
     write_manifest(study_dir, manifest)
     scheduler = make_scheduler(cfg, args)
     describe_study(tracking_uri, parent, manifest, type(scheduler).__name__ == "MeasuredASHA")
