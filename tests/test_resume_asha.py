@@ -57,7 +57,7 @@ def trainable(config):
             tune.report({"epochs_done": epoch, ASHA_KEY: config["q"] * epoch / EPOCHS, "q": config["q"]},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # its own cluster
 path = str(storage / "exp")
 trainable_r = tune.with_resources(trainable, {"cpu": 1})
 if mode == "resume":
@@ -80,7 +80,9 @@ ray.shutdown()
 def _env(marker: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    return {**env, MARKER: marker, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    # a private local cluster with its own token (Ray reads these when it is first imported)
+    return {**env, MARKER: marker, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
 
 
 def _driver(script: Path, storage: Path, mode: str, log: Path, marker: str) -> subprocess.Popen:
