@@ -71,7 +71,7 @@ else:
                        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
                        run_config=tune.RunConfig(name="exp", storage_path=str(storage), verbose=0))
 grid = tuner.fit()
-epochs = {str(r.config["q"]): int(r.metrics["epochs_done"]) for r in grid}
+epochs = {str(r.config["q"]): int((r.metrics or {}).get("epochs_done", -1)) for r in grid}
 (storage / "epochs.json").write_text(json.dumps(epochs))
 ray.shutdown()
 '''
@@ -123,47 +123,63 @@ def _rung_records(state_path: Path, milestone: float) -> int:
     return sum(len(rec) for bracket in state["brackets"] for m, rec in bracket if m == milestone)
 
 
-def _run(tmp_path: Path, name: str, kill_after: int | None, keep_state: bool = True) -> dict[str, int]:
-    """Epochs each trial reached (by q): uninterrupted, or killed once ``kill_after`` trials are recorded
-    at rung 2 and restored (with the scheduler's state file, or without it as Ray alone would)."""
+def _decisions(state: dict) -> dict:
+    """ASHA's decisions by grid index (Tune's trial ids end in it, and the grid order is fixed):
+    ``{"stopped": [indices], "rungs": {milestone: {index: signed reward}}}``."""
+    index = lambda trial_id: int(trial_id.rsplit("_", 1)[1])  # noqa: E731
+    return {"stopped": sorted(index(t) for t in state["stopped"]),
+            "rungs": {m: {index(t): v for t, v in rec.items()} for bracket in state["brackets"] for m, rec in bracket}}
+
+
+def _run(tmp_path: Path, name: str, kill_after: int | None, keep_state: bool = True) -> dict:
+    """ASHA's decisions (:func:`_decisions`) over a study run uninterrupted, or killed once ``kill_after``
+    trials are recorded at rung 2 and restored (with the scheduler's state file, or without it as Ray
+    alone would: then the decisions are those taken before the kill plus those after)."""
     from studies.tune import ASHA_STATE
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     storage, log, marker = tmp_path / name, tmp_path / f"{name}.log", secrets.token_hex(8)
     storage.mkdir()
+    state_path = storage / ASHA_STATE
+    before = {"stopped": [], "rungs": {}}
     driver = _driver(script, storage, "fresh", log, marker)
     try:
         if kill_after is None:
             _finish(driver, log)
         else:
             deadline = time.time() + 900
-            while _rung_records(storage / ASHA_STATE, 2.0) < kill_after:
+            while _rung_records(state_path, 2.0) < kill_after:
                 if driver.poll() is not None or time.time() > deadline:
                     pytest.fail(f"no rung decision to kill after: {log.read_text()[-3000:]}")
                 time.sleep(0.1)
             _kill(driver, marker)
             assert not (storage / "epochs.json").exists()  # killed mid-study
             if not keep_state:
-                (storage / ASHA_STATE).unlink()
+                before = _decisions(json.loads(state_path.read_text()))
+                state_path.unlink()
             driver = _driver(script, storage, "resume", log, marker)
             _finish(driver, log)
     finally:
         if driver.poll() is None:
             _kill(driver, marker)
-    return json.loads((storage / "epochs.json").read_text())
+    after = _decisions(json.loads(state_path.read_text()))
+    rungs = {m: {**before["rungs"].get(m, {}), **rec} for m, rec in after["rungs"].items()}
+    return {"stopped": sorted(set(before["stopped"]) | set(after["stopped"])), "rungs": rungs}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3000)
 def test_a_killed_and_resumed_study_makes_the_same_asha_decisions(tmp_path):
     uninterrupted = _run(tmp_path, "uninterrupted", kill_after=None)
-    assert uninterrupted == {"1.0": 6, "0.9": 2, "0.5": 2, "0.2": 2, "0.95": 4, "0.3": 2}
+    # the decisions worked out by hand in QS's docstring (rewards q * epoch / 6)
+    assert uninterrupted["stopped"] == [1, 2, 3, 4, 5]
+    assert sorted(uninterrupted["rungs"][2.0]) == [0, 1, 2, 3, 4, 5] and sorted(uninterrupted["rungs"][4.0]) == [0, 4]
     resumed = _run(tmp_path, "resumed", kill_after=3)
     assert resumed == uninterrupted
     # What Ray's restore alone does (the scheduler's file gone): the fourth trial meets empty rungs.
     forgetful = _run(tmp_path, "forgetful", kill_after=3, keep_state=False)
-    assert forgetful != uninterrupted
+    assert 3 not in forgetful["stopped"] and forgetful != uninterrupted
 
 
 def _scheduler(state_path: Path):
