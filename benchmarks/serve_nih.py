@@ -164,7 +164,8 @@ def main() -> int:
                         raise RuntimeError(err[-3000:])
                     equal = np.array_equal(np.asanyarray(served.dataobj), np.asanyarray(nib.load(out).dataobj))
                     rows.append({"http_s": http_s, "predict_s": predict_s, "equal": bool(equal),
-                                 "predict_pss_gib": predict_mem.pss / 1024**3, "predict_rss_gib": predict_mem.rss / 1024**3,
+                                 "predict_pss_gib": predict_mem.pss / 1024**3,
+                                 "predict_rss_gib": predict_mem.rss / 1024**3,
                                  "mask_voxels": int(np.count_nonzero(np.asanyarray(served.dataobj)))})
         finally:
             os.killpg(server.pid, 15)

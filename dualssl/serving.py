@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,7 +133,8 @@ def model_signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec(DataType.string, "nifti", required=False), ColSpec(DataType.string, "path", required=False),
+    inputs = Schema([ColSpec(DataType.string, "nifti", required=False),
+                     ColSpec(DataType.string, "path", required=False),
                      ColSpec(AnyType(), "image", required=False), ColSpec(AnyType(), "affine", required=False)])
     outputs = Schema([ColSpec(DataType.string, "mask"), ColSpec(AnyType(), "affine"), ColSpec(AnyType(), "shape"),
                       ColSpec(DataType.long, "foreground_voxels"),

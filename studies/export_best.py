@@ -6,9 +6,9 @@ Reads ``study.json`` and ``trials.json`` in the study folder, takes the best tri
 checkpoint (the epoch chosen by the selection metric, not the last one), writes
 ``STUDY/model`` (safetensors, config, TorchScript, metadata: ``dualssl.export``), logs it to the
 study's parent MLflow run as a pyfunc (``dualssl.export.log_model``: no pickle) and registers it
-under the study's model name (``model_name`` in ``study.json``, default ``dualssl-pancreas``) with the alias ``champion``; a study with ``"selection": "oracle"`` (trials ranked
-on the unseen sites) is registered under ``NAME-oracle`` as ``@oracle`` and tagged not deployable, and
-a smoke study's model name is ``NAME-smoke`` (:func:`registry_target`). Each version carries the tags of
+under the study's model name (``model_name`` in ``study.json``, default ``dualssl-pancreas``) with
+the alias ``champion``; a study with ``"selection": "oracle"`` (trials ranked on the unseen sites) is
+registered under ``NAME-oracle`` as ``@oracle`` and tagged not deployable, and a smoke study's model name is ``NAME-smoke`` (:func:`registry_target`). Each version carries the tags of
 :func:`version_tags`. ``dualssl predict --model STUDY/model`` or
 ``--model models:/dualssl-pancreas@champion`` then segments NIfTI scans with it.
 """

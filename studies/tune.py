@@ -48,6 +48,7 @@ from studies.preflight import (DEFAULT_STORAGE, PHANTOM_SITES, StudyError, Study
                                build_parser, console_defaults, is_uri, phantom_sites, prepare, resolve_paths, set_keys,
                                stability_problem)
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
+from studies.asha import ASHA_STATE  # noqa: E402,F401
 from studies.search_space import finished_trials, make_searcher, optuna_study_for  # noqa: E402
 
 def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
@@ -105,108 +106,6 @@ def default_workers(args: argparse.Namespace, cluster_cpus: float) -> int:
     return 2 if per_trial >= 2 * args.cpus_per_worker else 1
 
 
-ASHA_STATE = "asha_state.json"
-"""ASHA's rung records, bracket of each trial and stop decisions, in the study folder (see below)."""
-
-
-def _measured_asha():
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    class MeasuredASHA(ASHAScheduler):
-        """ASHA that ignores results whose metric is NaN (epochs without validation): Ray's ASHA
-        would record the NaN at the rung, so the trial would never be compared there.
-
-        It also keeps its state across a killed driver: ``Tuner.restore`` rebuilds the scheduler as it
-        was when the Tuner was created, without the rung records (Ray issue 30838), so a resumed study
-        would compare trials against empty rungs. With ``state_path`` set, every change (a result
-        recorded at a rung, a stop decision, a trial's bracket) is written there at once (JSON,
-        atomically replaced), and the scheduler restored by ``Tuner.restore`` (unpickled from the
-        Tuner's own file, path included) reads it back before its first decision. A trial it stopped
-        is stopped again if it reports after the resume (the driver died between the decision and
-        Tune's own snapshot)."""
-
-        state_path: str | None = None
-
-        def _measured(self, result: dict) -> bool:
-            value = result.get(self._metric)
-            return isinstance(value, (int, float)) and math.isfinite(value)
-
-        # --- persistence ---------------------------------------------------------------------------
-        def state(self) -> dict:
-            """Plain JSON: per bracket its rungs ``[milestone, {trial_id: signed reward}]``, each
-            trial's bracket index, the stopped trials and the stop count."""
-            brackets = [[[float(m), dict(rec)] for m, rec in b._rungs] for b in self._brackets]
-            index = {id(b): i for i, b in enumerate(self._brackets)}
-            return {"brackets": brackets, "trial_bracket": {t: index[id(b)] for t, b in self._trial_info.items()},
-                    "stopped": sorted(self._stopped_ids()), "num_stopped": self._num_stopped}
-
-        def _stopped_ids(self) -> set:
-            if not hasattr(self, "_stopped"):
-                self._stopped = set()
-            return self._stopped
-
-        def load_state(self, state: dict) -> None:
-            if len(state["brackets"]) != len(self._brackets) or any(
-                    [m for m, _ in saved] != [float(m) for m, _ in b._rungs]
-                    for saved, b in zip(state["brackets"], self._brackets)):
-                raise ValueError(f"{self.state_path}: ASHA rungs {state['brackets']} do not match this study's "
-                                 "scheduler (grace period, reduction factor or epochs changed since it started)")
-            for saved, bracket in zip(state["brackets"], self._brackets):
-                bracket._rungs = [(b_m, dict(rec)) for (b_m, _), (_, rec) in zip(bracket._rungs, saved)]
-            self._trial_info = {t: self._brackets[i] for t, i in state["trial_bracket"].items()}
-            self._stopped = set(state["stopped"])
-            self._num_stopped = int(state["num_stopped"])
-
-        def _restore_once(self) -> None:
-            if getattr(self, "_restored", False):
-                return
-            self._restored = True
-            if self.state_path and Path(self.state_path).is_file():
-                self.load_state(json.loads(Path(self.state_path).read_text()))
-
-        def _persist(self) -> None:
-            if self.state_path:
-                tmp = Path(f"{self.state_path}.tmp")
-                tmp.write_text(json.dumps(self.state(), indent=1))
-                os.replace(tmp, self.state_path)
-
-        # --- Tune's hooks ----------------------------------------------------------------------------
-        def on_trial_add(self, tune_controller, trial) -> None:
-            self._restore_once()
-            if trial.trial_id not in self._trial_info:  # a restored trial keeps its bracket
-                super().on_trial_add(tune_controller, trial)
-                self._persist()
-
-        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-            self._restore_once()
-            if trial.trial_id in self._stopped_ids():
-                return TrialScheduler.STOP
-            if not self._measured(result):
-                return TrialScheduler.CONTINUE
-            action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP:
-                self._stopped_ids().add(trial.trial_id)
-            self._persist()
-            return action
-
-        def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-            self._restore_once()
-            if trial.trial_id not in self._trial_info:
-                return
-            if self._measured(result):
-                super().on_trial_complete(tune_controller, trial, result)
-            else:
-                self._trial_info.pop(trial.trial_id, None)
-            self._persist()
-
-        def on_trial_remove(self, tune_controller, trial) -> None:
-            self._restore_once()
-            self._trial_info.pop(trial.trial_id, None)
-            self._persist()
-
-    return MeasuredASHA
-
-
 def make_scheduler(cfg: Config, args: argparse.Namespace, state_path: Path | None = None):
     """ASHA on the selection metric at validated epochs (source-val); none for oracle selection.
 
@@ -215,6 +114,7 @@ def make_scheduler(cfg: Config, args: argparse.Namespace, state_path: Path | Non
     (``STUDY/asha_state.json``); a new scheduler starts from empty rungs, so an earlier file there is removed."""
     from ray.tune.schedulers import FIFOScheduler
 
+    from studies.asha import measured_asha
     from studies.train_loop import ASHA_KEY
 
     grace = asha_milestones(cfg.optim.epochs, cfg.eval.val_every, args.grace_period)
@@ -231,7 +131,7 @@ def make_scheduler(cfg: Config, args: argparse.Namespace, state_path: Path | Non
               f"{cfg.eval.val_every}, so every ASHA rung falls on a validated epoch", flush=True)
     # ASHA_KEY is the selection metric on validated epochs before the last, NaN elsewhere: ASHA
     # skips the NaNs, so a trial that trained to the end lives on to its cross-site evaluation.
-    scheduler = _measured_asha()(time_attr="epochs_done", metric=ASHA_KEY, mode="max", max_t=cfg.optim.epochs,
+    scheduler = measured_asha()(time_attr="epochs_done", metric=ASHA_KEY, mode="max", max_t=cfg.optim.epochs,
                                  grace_period=grace, reduction_factor=2, stop_last_trials=False)
     if state_path is not None:
         Path(state_path).unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +44,8 @@ def test_evaluate_model_reproduces_the_studys_per_case_dice_of_the_exported_tria
     (tmp_path / "trial").mkdir()
     torch.save(state, tmp_path / "trial" / CHECKPOINT_FILE)
     study = evaluate_checkpoint(tmp_path / "trial", device="cpu")  # what the study logged for the trial
-    reported = {**_rows(study["files"]["per_case.csv"].decode()), **_rows(study["files"]["oracle_per_case.csv"].decode())}
+    files = study["files"]
+    reported = {**_rows(files["per_case.csv"].decode()), **_rows(files["oracle_per_case.csv"].decode())}
     assert sorted({r["site"] for r in reported.values()}) == ["far", "near", "src"]
     assert len({r["dice"] for r in reported.values()}) > 1  # not all the same (e.g. all 0)
 
