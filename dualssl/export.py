@@ -8,11 +8,13 @@ A model folder holds::
     model.ts            TorchScript of SegmentationNet: (B, 1, X, Y, Z) -> logits (B, K, X, Y, Z)
     metadata.json       format, versions, input/output description, training provenance
 
-:func:`load_model` reads a folder or an MLflow model URI (``models:/dualssl-pancreas@champion``,
-``runs:/<id>/model``) and returns ``(SegmentationNet, Config)``; ``dualssl.evaluation`` wraps the
-pair in its ``Predictor``. :func:`log_model` logs a folder as an MLflow pyfunc (``dualssl/serving.py``
-as models from code, the folder as its artifact, pinned requirements, a signature; nothing pickled)
-and registers it under an alias; a registry URI loads through the same safetensors path. This module
+:func:`load_model` (``dualssl.evaluation.model_folder``, re-exported here) reads a folder or an MLflow
+model URI (``models:/dualssl-pancreas@champion``, ``runs:/<id>/model``) and returns
+``(SegmentationNet, Config)``; ``dualssl.evaluation`` wraps the pair in its ``Predictor``.
+:func:`log_model` logs a folder as an MLflow pyfunc (``dualssl/serving.py`` as models from code: a scan
+in, its mask out through the same ``Predictor`` as ``dualssl predict``; the folder as its artifact, the
+``dualssl`` code, pinned requirements, a signature and an input example; nothing pickled) and registers
+it under an alias with version tags. This module uses engine and evaluation; neither imports it. It
 never imports Ray.
 """
 
