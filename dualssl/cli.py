@@ -160,12 +160,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> None:
+    """Point MLflow at ``--tracking-uri`` when ``--model`` is a registry or run URI."""
+    if args.model and args.tracking_uri and str(args.model).startswith(("models:/", "runs:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)  # the model registry follows the tracking store
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualssl.evaluation.run import evaluate_checkpoint
+    from dualssl.evaluation.run import evaluate_checkpoint, evaluate_model
 
     sites = [s for s in args.sites.split(",") if s] if args.sites else None
-    summary = evaluate_checkpoint(args.checkpoint, data_root=args.data, sites=sites, out_dir=args.out,
-                                  tta=args.tta)
+    if args.model:
+        _registry(args)
+        summary = evaluate_model(args.model, data_root=args.data, sites=sites, out_dir=args.out, tta=args.tta)
+    else:
+        summary = evaluate_checkpoint(args.checkpoint, data_root=args.data, sites=sites, out_dir=args.out,
+                                      tta=args.tta)
     for site, stats in summary["per_site"].items():
         print(f"{site:>16s}  dice {stats['dice_mean']:.4f} +- {stats['dice_std']:.4f}  "
               f"hd95 {stats['hd95_mean']:.2f} mm  (n={stats['n']})")
@@ -176,10 +188,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from dualssl.evaluation.run import predict_paths
 
-    if args.model and args.tracking_uri and str(args.model).startswith(("models:/", "runs:/")):
-        import mlflow
-
-        mlflow.set_tracking_uri(args.tracking_uri)  # the model registry follows the tracking store
+    _registry(args)
     written = predict_paths(args.model or args.checkpoint, args.inputs, args.output, tta=args.tta)
     for path in written:
         print(path)
@@ -230,12 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="per-case and per-site metrics of a checkpoint")
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--sites", default="", help="comma-separated sites (default: every non-source site)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p = sub.add_parser("evaluate", help="per-case and per-site metrics of a checkpoint or an exported model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a training checkpoint (.pt)")
+    src.add_argument("--model", help="an exported model folder or models:/NAME@ALIAS (the study's export)")
+    p.add_argument("--data", required=True, type=Path, help="dataset root, split as the model was trained")
+    p.add_argument("--sites", default="", help="comma-separated sites (default: every non-source site; a source "
+                                               "site gives its validation cases)")
+    p.add_argument("--out", required=True, type=Path, help="folder for per_case.csv and summary.json")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (default: the model's eval.tta_flips, as the study evaluated)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow store of a models:/ or runs:/ URI (default: MLFLOW_TRACKING_URI)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment NIfTI scans (a file or a folder)")
@@ -244,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="an exported model folder or models:/NAME@ALIAS")
     p.add_argument("inputs", nargs="+", type=Path, help="NIfTI files or folders of them")
     p.add_argument("-o", "--output", required=True, type=Path, help="output file (one input) or folder")
-    p.add_argument("--tta", action="store_true")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (default: the model's eval.tta_flips, as the study and the "
+                        "served model run it)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow store of a models:/ or runs:/ URI, e.g. sqlite:////abs/study/mlflow.db "
                         "(default: MLFLOW_TRACKING_URI)")

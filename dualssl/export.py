@@ -8,11 +8,13 @@ A model folder holds::
     model.ts            TorchScript of SegmentationNet: (B, 1, X, Y, Z) -> logits (B, K, X, Y, Z)
     metadata.json       format, versions, input/output description, training provenance
 
-:func:`load_model` reads a folder or an MLflow model URI (``models:/dualssl-pancreas@champion``,
-``runs:/<id>/model``) and returns ``(SegmentationNet, Config)``; ``dualssl.evaluation`` wraps the
-pair in its ``Predictor``. :func:`log_model` logs a folder as an MLflow pyfunc (``dualssl/serving.py``
-as models from code, the folder as its artifact, pinned requirements, a signature; nothing pickled)
-and registers it under an alias; a registry URI loads through the same safetensors path. This module
+:func:`load_model` (``dualssl.evaluation.model_folder``, re-exported here) reads a folder or an MLflow
+model URI (``models:/dualssl-pancreas@champion``, ``runs:/<id>/model``) and returns
+``(SegmentationNet, Config)``; ``dualssl.evaluation`` wraps the pair in its ``Predictor``.
+:func:`log_model` logs a folder as an MLflow pyfunc (``dualssl/serving.py`` as models from code: a scan
+in, its mask out through the same ``Predictor`` as ``dualssl predict``; the folder as its artifact, the
+``dualssl`` code, pinned requirements, a signature and an input example; nothing pickled) and registers
+it under an alias with version tags. This module uses engine and evaluation; neither imports it. It
 never imports Ray.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,27 +30,14 @@ from typing import Any
 import torch
 
 from dualssl.config import Config
+from dualssl.evaluation.model_folder import (ARTIFACT, CONFIG_FILE, METADATA_FILE, MODEL_FORMAT,  # noqa: F401
+                                             TORCHSCRIPT_FILE, WEIGHTS_FILE, load_model, segmentation_net)
 
-MODEL_FORMAT = "dualssl-model/1"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TORCHSCRIPT_FILE = "model.ts"
-METADATA_FILE = "metadata.json"
 REGISTERED_MODEL_NAME = "dualssl-pancreas"
 CHAMPION_ALIAS = "champion"
 ORACLE_ALIAS = "oracle"
 """Alias of a model chosen by unseen-site scores: reported, never deployed as the champion."""
-_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
-
-
-def _segmentation_net(cfg: Config, model_state: dict[str, torch.Tensor] | None = None):
-    """Build ``SegmentationNet`` for ``cfg.model``; ``model_state`` is a DualSSLNet state dict."""
-    from dualssl.models import SegmentationNet, build_model
-
-    net = build_model(cfg.model)
-    if model_state is not None:
-        net.load_state_dict(model_state)
-    return SegmentationNet(net).eval()
+_segmentation_net = segmentation_net
 
 
 def _git_revision() -> str:
@@ -119,116 +107,62 @@ def export_model(checkpoint: str | Path | dict[str, Any], out_dir: str | Path, *
     return out
 
 
-def _is_uri(source: str) -> bool:
-    return any(str(source).startswith(s) for s in _URI_SCHEMES)
+def model_signature(cfg: Config | None = None):
+    """The pyfunc's MLflow signature (``dualssl.serving.model_signature``): scans in, masks out."""
+    from dualssl import serving
+
+    return serving.model_signature()
 
 
-def _pyfunc_artifact(model_dir: Path) -> Path:
-    """The model folder inside a downloaded pyfunc (``MLmodel`` names it), or ``model_dir`` itself."""
-    import yaml
-
-    from dualssl.serving import ARTIFACT
-
-    mlmodel = model_dir / "MLmodel"
-    if not mlmodel.is_file():
-        return model_dir
-    pyfunc = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
-    path = ((pyfunc.get("artifacts") or {}).get(ARTIFACT) or {}).get("path")
-    return model_dir / path if path else model_dir
-
-
-def _resolve_folder(source: str | Path, download_dir: str | Path | None = None) -> Path:
-    """A local model folder for ``source`` (downloading an MLflow model URI when needed)."""
-    if not _is_uri(str(source)):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: model folder not found; give a folder written by "
-                                    "dualssl.export.export_model or an MLflow URI such as "
-                                    f"models:/{REGISTERED_MODEL_NAME}@{CHAMPION_ALIAS}")
-        return folder
-    import mlflow
-
-    dst = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="dualssl-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=str(dst)))
-    # pyfunc models name the folder among their artifacts; models logged before carried it as extra_files
-    for candidate in (_pyfunc_artifact(local), local / "extra_files", local):
-        if (candidate / WEIGHTS_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{source}: the MLflow model has no {WEIGHTS_FILE}; log it with "
-                            "dualssl.export.log_model so that the model folder travels with it")
-
-
-def load_model(source: str | Path, device: str | torch.device | None = None, *,
-               download_dir: str | Path | None = None):
-    """Load ``(SegmentationNet, Config)`` from a model folder or an MLflow model URI.
-
-    Args:
-        source: a folder written by :func:`export_model`, or ``models:/NAME@ALIAS``,
-            ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``.
-        device: where to put the network (default CPU); it is returned in eval mode.
-        download_dir: where an MLflow URI is downloaded (default: a new temp dir).
-
-    Returns:
-        ``(model, cfg)``: ``model(x (B, 1, X, Y, Z)) -> logits (B, K, X, Y, Z)``.
-    """
-    from safetensors.torch import load_file
-
-    try:
-        folder = _resolve_folder(source, download_dir)
-    except Exception as exc:  # MlflowException: a registered model, version or alias that is not there
-        if type(exc).__name__ != "MlflowException":
-            raise
-        import mlflow
-
-        raise FileNotFoundError(
-            f"{source}: not found in the MLflow store {mlflow.get_registry_uri()} (tracking URI "
-            f"{mlflow.get_tracking_uri()}): {str(exc).splitlines()[0][:300]}; pass the store the study "
-            "registered it in with --tracking-uri (or MLFLOW_TRACKING_URI), e.g. "
-            "sqlite:////abs/path/study/mlflow.db, or give an exported model folder") from exc
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: missing; {folder} is not a complete dualssl model "
-                                    "folder (re-export it with dualssl.export.export_model)")
-    cfg = Config.load(folder / CONFIG_FILE).validate()
-    model = _segmentation_net(cfg)
-    weights = load_file(str(folder / WEIGHTS_FILE))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches
-        first = str(exc).splitlines()[1:3]
-        raise ValueError(f"{folder / WEIGHTS_FILE}: weights do not match model.* of {folder / CONFIG_FILE} "
-                         f"({' '.join(line.strip() for line in first)})") from exc
-    return model.to(device or "cpu").eval(), cfg
-
-
-def model_signature(cfg: Config):
-    """MLflow signature: float32 ``(-1, C, -1, -1, -1)`` in, logits ``(-1, K, -1, -1, -1)`` out."""
+def input_example(cfg: Config) -> dict[str, str]:
+    """A request the model answers: ``{"nifti": base64 .nii.gz}`` of a small synthetic scan (a soft-tissue
+    block, 40 HU, in air) that covers one window of ``data.patch_size`` at ``data.spacing``."""
+    import nibabel as nib
     import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.model.in_channels, -1, -1, -1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.model.num_classes, -1, -1, -1), "logits")]),
-    )
+    from dualssl import serving
+
+    shape = tuple(int(p) + 8 for p in cfg.data.patch_size)
+    scan = np.full(shape, -1000, dtype=np.int16)
+    scan[4:-4, 4:-4, 2:-2] = 40
+    affine = np.diag([*map(float, cfg.data.spacing), 1.0])
+    return {"nifti": serving.encode_nifti(nib.Nifti1Image(scan, affine))}
+
+
+PYFUNC_REQUIREMENTS = ("torch", "monai", "nibabel", "safetensors", "numpy", "scipy", "pyyaml", "mlflow")
+"""What ``dualssl.serving`` and the ``dualssl`` code it carries import when a model is served."""
 
 
 def pinned_requirements() -> list[str]:
-    """``pkg==version`` of the installed torch, MONAI, nibabel and safetensors (the pyfunc's needs)."""
+    """``pkg==version`` of the installed packages the pyfunc needs (:data:`PYFUNC_REQUIREMENTS`)."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "monai", "nibabel", "safetensors")]
+    return [f"{name}=={version(name).split('+')[0]}" for name in PYFUNC_REQUIREMENTS]
+
+
+def _package_code(dst: Path) -> Path:
+    """A clean copy of the ``dualssl`` package (sources only) to log as the pyfunc's code."""
+    import shutil
+
+    src = Path(__file__).resolve().parent
+    return Path(shutil.copytree(src, dst / "dualssl", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
 
 
 def log_model(model_dir: str | Path, *, registered_name: str | None = REGISTERED_MODEL_NAME,
-              alias: str | None = CHAMPION_ALIAS, name: str = "model") -> dict[str, Any]:
+              alias: str | None = CHAMPION_ALIAS, name: str = "model",
+              tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log a model folder to the active MLflow run as a pyfunc and (optionally) register it under an alias.
 
     The pyfunc is ``dualssl/serving.py`` logged as models from code, with the folder as its artifact
-    (``artifacts/model_folder/``: safetensors, config, TorchScript, metadata): loading it unpickles
-    nothing. Call inside ``mlflow.start_run()``. Returns ``{"model_uri", "registered_uri", "version"}``
+    (``artifacts/model_folder/``: safetensors, config, TorchScript, metadata) and this ``dualssl``
+    package as its code (``code/dualssl``): loading it unpickles nothing, and it runs the code of
+    ``dualssl predict``. It carries a signature and an input example (:func:`input_example`, checked
+    by MLflow by running the model on it). ``tags`` go on the registered version (strings).
+    Call inside ``mlflow.start_run()``. Returns ``{"model_uri", "registered_uri", "version"}``
     (the last two None when ``registered_name`` is None).
     """
+    import tempfile
+
     import mlflow
 
     from dualssl import serving
@@ -236,23 +170,25 @@ def log_model(model_dir: str | Path, *, registered_name: str | None = REGISTERED
     if mlflow.active_run() is None:
         raise RuntimeError("dualssl.export.log_model: no active MLflow run; call it inside mlflow.start_run()")
     _, cfg = load_model(model_dir)  # refuses an incomplete or inconsistent folder before logging it
-    with warnings.catch_warnings():
-        # The signature is given (model_signature) and the model takes a tensor, not a DataFrame:
-        # MLflow's advice to add type hints or an input example does not apply.
-        warnings.filterwarnings("ignore", message=".*(type hints|input example was not provided)", category=UserWarning)
+    with tempfile.TemporaryDirectory(prefix="dualssl-code-") as tmp, warnings.catch_warnings():
+        # The signature is given: MLflow's advice to add type hints does not apply.
+        warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name=name, python_model=serving.__file__, artifacts={serving.ARTIFACT: str(Path(model_dir))},
-            signature=model_signature(cfg), pip_requirements=pinned_requirements(),
+            code_paths=[str(_package_code(Path(tmp)))], signature=model_signature(cfg),
+            input_example=input_example(cfg), pip_requirements=pinned_requirements(),
             registered_model_name=registered_name, await_registration_for=60)
     result: dict[str, Any] = {"model_uri": info.model_uri, "registered_uri": None, "version": None}
     if registered_name:
+        client = mlflow.MlflowClient()
         version = info.registered_model_version
         if version is None:  # older servers: look the version up by the model's source
-            client = mlflow.MlflowClient()
             version = max(int(v.version) for v in client.search_model_versions(f"name='{registered_name}'"))
         result["version"] = int(version)
         result["registered_uri"] = f"models:/{registered_name}/{version}"
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(registered_name, str(version), key, str(value))
         if alias:
-            mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(version))
+            client.set_registered_model_alias(registered_name, alias, str(version))
             result["registered_uri"] = f"models:/{registered_name}@{alias}"
     return result

@@ -5,9 +5,11 @@
 Reads ``study.json`` and ``trials.json`` in the study folder, takes the best trial's best
 checkpoint (the epoch chosen by the selection metric, not the last one), writes
 ``STUDY/model`` (safetensors, config, TorchScript, metadata: ``dualssl.export``), logs it to the
-study's parent MLflow run as a pyfunc (``dualssl.export.log_model``: no pickle) and registers it as
-``dualssl-pancreas`` with the alias ``champion``; a study with ``"selection": "oracle"`` (trials ranked
-on the unseen sites) is registered as ``@oracle`` instead and tagged not deployable. ``dualssl predict --model STUDY/model`` or
+study's parent MLflow run as a pyfunc (``dualssl.export.log_model``: no pickle) and registers it
+under the study's model name (``model_name`` in ``study.json``, default ``dualssl-pancreas``) with
+the alias ``champion``; a study with ``"selection": "oracle"`` (trials ranked on the unseen sites) is
+registered under ``NAME-oracle`` as ``@oracle`` and tagged not deployable, and a smoke study's model name is ``NAME-smoke`` (:func:`registry_target`). Each version carries the tags of
+:func:`version_tags`. ``dualssl predict --model STUDY/model`` or
 ``--model models:/dualssl-pancreas@champion`` then segments NIfTI scans with it.
 """
 
@@ -76,8 +78,10 @@ def validation_dice(model_dir: str | Path, device: str = "cpu") -> float:
     return trainer.validate_volumes()
 
 
-ORACLE_WARNING = (f"false: trials were ranked on the unseen test sites (selection oracle); registered as "
-                  f"@{ORACLE_ALIAS}, not a deployable @{CHAMPION_ALIAS}")
+ORACLE_SUFFIX = "-oracle"
+SMOKE_SUFFIX = "-smoke"
+ORACLE_WARNING = (f"false: trials were ranked on the unseen test sites (selection oracle); registered under "
+                  f"NAME{ORACLE_SUFFIX} as @{ORACLE_ALIAS}, never as a deployable @{CHAMPION_ALIAS}")
 
 
 def registry_alias(manifest: dict[str, Any]) -> str:
@@ -85,9 +89,51 @@ def registry_alias(manifest: dict[str, Any]) -> str:
     return ORACLE_ALIAS if manifest.get("selection") == "oracle" else CHAMPION_ALIAS
 
 
+def registry_target(manifest: dict[str, Any]) -> tuple[str, str]:
+    """``(registered model name, alias)`` of a study's export.
+
+    A source-val study registers under the study's model name (``model_name`` in ``study.json``,
+    ``--model-name``; default ``dualssl-pancreas``) as ``@champion``; an oracle study under
+    ``NAME-oracle`` as ``@oracle``, so it never moves ``NAME@champion`` nor adds a version to ``NAME``
+    (``models:/NAME/latest`` stays a fairly selected model). ``tune.py --smoke-test`` writes
+    ``NAME-smoke`` as the model name: a smoke study never touches a user's model."""
+    name = manifest.get("model_name") or REGISTERED_MODEL_NAME
+    if manifest.get("selection") == "oracle":
+        return f"{name}{ORACLE_SUFFIX}", ORACLE_ALIAS
+    return name, CHAMPION_ALIAS
+
+
+def version_tags(manifest: dict[str, Any], best: dict[str, Any], cfg: Config) -> dict[str, str]:
+    """What a reviewer needs on a registered version: study, selection, dataset digest (the trial runs'
+    MLflow dataset digest), source site(s), trial, objective, and per unseen site its reported Dice with n
+    (``dice/<site>``, e.g. ``0.812 (n=5)``; the phantom's numbers say nothing about real hospitals)."""
+    from studies.tracking import dataset_input
+
+    metrics = best.get("metrics", {})
+    tags = {"study": str(manifest.get("experiment")), "selection": str(manifest.get("selection")),
+            "selection_metric": str(manifest.get("selection_metric", cfg.eval.selection_metric)),
+            "source_site": ",".join(manifest.get("source_sites") or cfg.data.source_sites),
+            "trial_id": str(best["trial_id"]), "objective": f"{best['objective']:.6g}",
+            "config_hash": cfg.hash()}
+    try:
+        tags["dataset_digest"] = dataset_input(cfg).dataset.digest
+        tags["dataset"] = str(cfg.data.root)
+    except (OSError, ValueError) as exc:  # the data root moved since the study ran
+        tags["dataset_digest"] = f"unknown ({type(exc).__name__}: {str(exc)[:200]})"
+    sites = sorted({k.split("/")[1] for k in metrics if k.startswith("site/") and k.count("/") == 2})
+    for site in sites:
+        if metrics.get(f"site/{site}/source") == 1.0 or f"site/{site}/dice_mean" not in metrics:
+            continue
+        n = metrics.get(f"site/{site}/n")
+        tags[f"dice/{site}"] = f"{metrics[f'site/{site}/dice_mean']:.4f} (n={int(n) if n is not None else '?'})"
+    if isinstance(metrics.get("mean_unseen_dice"), (int, float)):
+        tags["mean_unseen_dice"] = f"{metrics['mean_unseen_dice']:.4f}"
+    return tags
+
+
 def export_study(study_dir: str | Path, *, register: bool = True, out: str | Path | None = None) -> dict[str, Any]:
-    """Best trial -> ``STUDY/model`` (+ MLflow model, registered with alias champion, or oracle when the
-    study ranked trials on the unseen sites: such a model is never the champion). Returns paths/URIs."""
+    """Best trial -> ``STUDY/model`` (+ MLflow model, registered by :func:`registry_target` with
+    :func:`version_tags`). Returns paths/URIs."""
     import mlflow
 
     study_dir = Path(study_dir)
@@ -99,18 +145,19 @@ def export_study(study_dir: str | Path, *, register: bool = True, out: str | Pat
                 "reported": best.get("metrics", {}), "params": best.get("params", {}),
                 "checkpoint": best["best_checkpoint"], "mlflow_run_id": best.get("run_id")}
     model_dir = export_model(state, Path(out) if out else study_dir / "model", metadata=metadata)
+    cfg = Config.from_dict(state["config"])
     result: dict[str, Any] = {"model_dir": str(model_dir), "registered_uri": None, "best_trial_id": best["trial_id"],
-                              "config_hash": Config.from_dict(state["config"]).hash()}
+                              "config_hash": cfg.hash()}
     if register and manifest.get("tracking_uri"):
-        alias = registry_alias(manifest)
+        name, alias = registry_target(manifest)
         mlflow.set_tracking_uri(manifest["tracking_uri"])
         with mlflow.start_run(run_id=manifest["parent_run_id"]):
-            logged = log_model(model_dir, registered_name=REGISTERED_MODEL_NAME, alias=alias)
+            logged = log_model(model_dir, registered_name=name, alias=alias, tags=version_tags(manifest, best, cfg))
             if alias == ORACLE_ALIAS:
                 mlflow.set_tag("deployable", ORACLE_WARNING)
                 print(f"studies/export_best.py: {ORACLE_WARNING}", file=sys.stderr)
         result.update(logged)
-        result["alias"] = alias
+        result.update({"alias": alias, "registered_name": name})
     (study_dir / "export.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: STORAGE/EXPERIMENT when storage is local)")
     p.add_argument("--experiment-name", default=None, help="default dualssl-study (smoke: dualssl-smoke)")
     p.add_argument("--mlflow-tracking-uri", default=None, help="default: sqlite file in the study folder")
+    p.add_argument("--model-name", default=None,
+                   help="registered model of the export (default dualssl-pancreas); an oracle study registers "
+                        "NAME-oracle, a smoke study NAME-smoke (studies/export_best.py)")
     p.add_argument("--selection", choices=["source-val", "oracle"], default="source-val",
                    help="rank trials by source-validation Dice, or by unseen-site Dice (labelled oracle)")
     p.add_argument("--search-space", type=Path, default=DEFAULT_SEARCH_SPACE)

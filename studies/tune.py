@@ -48,6 +48,7 @@ from studies.preflight import (DEFAULT_STORAGE, PHANTOM_SITES, StudyError, Study
                                build_parser, console_defaults, is_uri, phantom_sites, prepare, resolve_paths, set_keys,
                                stability_problem)
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
+from studies.asha import ASHA_STATE  # noqa: E402,F401
 from studies.search_space import finished_trials, make_searcher, optuna_study_for  # noqa: E402
 
 def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
@@ -105,38 +106,15 @@ def default_workers(args: argparse.Namespace, cluster_cpus: float) -> int:
     return 2 if per_trial >= 2 * args.cpus_per_worker else 1
 
 
-def _measured_asha():
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    class MeasuredASHA(ASHAScheduler):
-        """ASHA that ignores results whose metric is NaN (epochs without validation): Ray's ASHA
-        would record the NaN at the rung, so the trial would never be compared there."""
-
-        def _measured(self, result: dict) -> bool:
-            value = result.get(self._metric)
-            return isinstance(value, (int, float)) and math.isfinite(value)
-
-        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-            if not self._measured(result):
-                return TrialScheduler.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
-
-        def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-            if self._measured(result):
-                super().on_trial_complete(tune_controller, trial, result)
-            else:
-                self._trial_info.pop(trial.trial_id, None)
-
-    return MeasuredASHA
-
-
-def make_scheduler(cfg: Config, args: argparse.Namespace):
+def make_scheduler(cfg: Config, args: argparse.Namespace, state_path: Path | None = None):
     """ASHA on the selection metric at validated epochs (source-val); none for oracle selection.
 
     With several ``--objectives`` ASHA cuts on the first one only, and only when it is ``val_dice``
-    (the others exist only at a trial's end)."""
+    (the others exist only at a trial's end). ``state_path``: where ASHA keeps its rungs for a resume
+    (``STUDY/asha_state.json``); a new scheduler starts from empty rungs, so an earlier file there is removed."""
     from ray.tune.schedulers import FIFOScheduler
 
+    from studies.asha import measured_asha
     from studies.train_loop import ASHA_KEY
 
     grace = asha_milestones(cfg.optim.epochs, cfg.eval.val_every, args.grace_period)
@@ -153,8 +131,23 @@ def make_scheduler(cfg: Config, args: argparse.Namespace):
               f"{cfg.eval.val_every}, so every ASHA rung falls on a validated epoch", flush=True)
     # ASHA_KEY is the selection metric on validated epochs before the last, NaN elsewhere: ASHA
     # skips the NaNs, so a trial that trained to the end lives on to its cross-site evaluation.
-    return _measured_asha()(time_attr="epochs_done", metric=ASHA_KEY, mode="max", max_t=cfg.optim.epochs,
-                         grace_period=grace, reduction_factor=2, stop_last_trials=False)
+    scheduler = measured_asha()(time_attr="epochs_done", metric=ASHA_KEY, mode="max", max_t=cfg.optim.epochs,
+                                 grace_period=grace, reduction_factor=2, stop_last_trials=False)
+    if state_path is not None:
+        Path(state_path).unlink(missing_ok=True)
+        scheduler.state_path = str(state_path)
+    return scheduler
+
+
+def registered_model_name(args: argparse.Namespace) -> str:
+    """The study's model name in the registry: ``--model-name`` (default ``dualssl-pancreas``), with
+    ``-smoke`` appended for ``--smoke-test`` so that a smoke study never adds a version to (or moves
+    the aliases of) a user's model; ``export_best.registry_target`` appends ``-oracle`` for oracle studies."""
+    from dualssl.export import REGISTERED_MODEL_NAME
+    from studies.export_best import SMOKE_SUFFIX
+
+    name = getattr(args, "model_name", None) or REGISTERED_MODEL_NAME
+    return f"{name}{SMOKE_SUFFIX}" if args.smoke_test and not name.endswith(SMOKE_SUFFIX) else name
 
 
 def selection_metric_tag(cfg: Config, selection: str) -> str:
@@ -282,11 +275,13 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
                 "selection_metric": cfg.eval.selection_metric, "source_sites": cfg.data.source_sites,
                 "data_root": cfg.data.root, "resources": asdict(resources), "searched": sorted(search),
                 "objectives": plan.objectives, "optuna_storage": optuna_spec, "optuna_study": experiment,
-                "num_samples": num_samples, "epochs": cfg.optim.epochs}
+                "num_samples": num_samples, "epochs": cfg.optim.epochs, "model_name": registered_model_name(args)}
     manifest.update(plan=data_pass.plan, cache_dirs=data_pass.cache_dirs)
     log_to_parent(tracking_uri, parent, data_pass)
     write_manifest(study_dir, manifest)
-    scheduler = make_scheduler(cfg, args)
+    # ASHA keeps its rungs in the study folder; a resumed Tuner's scheduler (unpickled from the Tuner's
+    # own file) reads them back, so this one must not clear them then.
+    scheduler = make_scheduler(cfg, args, None if restoring else study_dir / ASHA_STATE)
     describe_study(tracking_uri, parent, manifest, type(scheduler).__name__ == "MeasuredASHA")
 
     # 5. Tune: seeded TPE over the YAML space, its history in the Optuna storage; ASHA on the first

@@ -19,8 +19,10 @@ from dualssl.models import SegmentationNet, build_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/
 
 
-def _checkpoint(tmp_path):
+def _checkpoint(tmp_path, data_root=None):
     cfg = Config()
+    if data_root is not None:
+        cfg.data.root = str(data_root)
     cfg.with_overrides({"model.widths": (8, 16, 32, 64), "data.patch_size": (32, 32, 16),
                         "data.spacing": (3.0, 3.0, 4.0)})
     torch.manual_seed(0)
@@ -94,7 +96,7 @@ def test_log_model_registers_champion_that_loads_back(tmp_path):
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("dualssl-pancreas", "champion").version) == "1"
     signature = mlflow.models.get_model_info(logged["model_uri"]).signature
-    assert signature.inputs.inputs[0].shape == (-1, 1, -1, -1, -1)
+    assert signature.inputs.input_names()[0] == "nifti"  # the pipeline takes scans (tests/test_serving.py)
     model, cfg = load_model(logged["registered_uri"], download_dir=tmp_path / "dl")
     x = torch.rand(1, 1, 32, 32, 16)
     with torch.no_grad():
@@ -102,75 +104,77 @@ def test_log_model_registers_champion_that_loads_back(tmp_path):
     mlflow.set_tracking_uri("")
 
 
-def test_registered_model_is_a_pyfunc_that_loads_without_unpickling(tmp_path):
+def _study(tmp_path, name: str, selection: str, checkpoint: Path, parent_run_id: str, **extra) -> Path:
+    """A finished study's folder (study.json, trials.json) whose best trial holds ``checkpoint``."""
     import mlflow
 
-    from dualssl.export import pinned_requirements
+    study = tmp_path / name
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({
+        "experiment": name, "selection": selection, "source_sites": ["pv_standard"], "storage": str(tmp_path),
+        "tracking_uri": mlflow.get_tracking_uri(), "parent_run_id": parent_run_id, **extra}))
+    metrics = {"best_val_dice": 0.6, "site/pv_standard/source": 1.0, "site/pv_standard/dice_mean": 0.6,
+               "site/pv_standard/n": 2, "site/cone_beam/source": 0.0, "site/cone_beam/dice_mean": 0.41,
+               "site/cone_beam/n": 5.0, "mean_unseen_dice": 0.41}
+    (study / "trials.json").write_text(json.dumps([
+        {"trial_id": "t0", "objective": 0.6, "best_checkpoint": str(checkpoint.parent), "metrics": metrics},
+        {"trial_id": "t1", "objective": None, "best_checkpoint": None}]))
+    return study
 
-    path, net, _ = _checkpoint(tmp_path)
-    folder = export_model(path, tmp_path / "model")
-    _sqlite_store(tmp_path, "pyfunc-test")
+
+def test_an_oracle_export_leaves_champion_and_the_source_val_model_untouched(tmp_path, capsys, phantom_root):
+    import mlflow
+
+    from studies.export_best import main
+    from studies.tracking import dataset_input
+    from studies.train_loop import CHECKPOINT_FILE
+
+    path, _, cfg = _checkpoint(tmp_path, data_root=phantom_root)
+    trial_dir = tmp_path / "runs" / "trial_0" / "checkpoint_000002"
+    trial_dir.mkdir(parents=True)
+    path = path.rename(trial_dir / CHECKPOINT_FILE)
+    _sqlite_store(tmp_path, "study")
+    with mlflow.start_run(run_name="study") as parent:
+        pass
     try:
-        with mlflow.start_run():
-            logged = log_model(folder)
-        local = Path(mlflow.artifacts.download_artifacts(logged["registered_uri"], dst_path=str(tmp_path / "dl")))
-        files = sorted(str(f.relative_to(local)) for f in local.rglob("*") if f.is_file())
-        pickled = [f for f in files if f.endswith((".pkl", ".pth", ".pickle")) or f.startswith("data/")]
-        assert not pickled, f"pickled objects in the registered model: {pickled}"
-        assert "artifacts/model/model.safetensors" in files and "serving.py" in files
-        requirements = (local / "requirements.txt").read_text().split()
-        assert set(pinned_requirements()) <= set(requirements)
-        assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+        client = mlflow.MlflowClient()
+        fair = _study(tmp_path, "fair", "source-val", path, parent.info.run_id)
+        assert main(["--study", str(fair)]) == 0
+        assert "oracle" not in capsys.readouterr().err
+        before = client.get_registered_model("dualssl-pancreas")
+        champion = client.get_model_version_by_alias("dualssl-pancreas", "champion")
+        assert set(before.aliases) == {"champion"}
+        tags = champion.tags  # what a reviewer needs on the version
+        assert tags["study"] == "fair" and tags["selection"] == "source-val" and tags["source_site"] == "pv_standard"
+        assert tags["dice/cone_beam"] == "0.4100 (n=5)" and "dice/pv_standard" not in tags
+        assert tags["dataset_digest"] == dataset_input(cfg).dataset.digest
 
-        pyfunc = mlflow.pyfunc.load_model(logged["registered_uri"])
-        x = torch.rand(1, 1, 32, 32, 16)  # one window of data.patch_size: the blend is the identity
-        logits = pyfunc.predict(x.numpy())
-        with torch.no_grad():
-            expected = SegmentationNet(net).eval()(x).numpy()
-        assert logits.shape == (1, 2, 32, 32, 16)
-        np.testing.assert_allclose(logits, expected, atol=1e-4)
-        bigger = pyfunc.predict(torch.rand(1, 1, 40, 36, 20).numpy())  # several windows
-        assert bigger.shape == (1, 2, 40, 36, 20) and np.isfinite(bigger).all()
-        model, _ = load_model(logged["registered_uri"], download_dir=tmp_path / "dl2")
-        with torch.no_grad():
-            assert torch.equal(model(x), SegmentationNet(net).eval()(x))
+        oracle = _study(tmp_path, "peeked", "oracle", path, parent.info.run_id)
+        assert main(["--study", str(oracle)]) == 0
+        assert "never as a deployable @champion" in capsys.readouterr().err
+        exported = json.loads((oracle / "export.json").read_text())
+        assert exported["registered_uri"] == "models:/dualssl-pancreas-oracle@oracle"
+        # the source-val model: the same versions, @champion on the same version, no @oracle
+        after = client.get_registered_model("dualssl-pancreas")
+        assert after.aliases == before.aliases
+        assert [v.version for v in client.search_model_versions("name='dualssl-pancreas'")] == [champion.version]
+        assert client.get_model_version_by_alias("dualssl-pancreas-oracle", "oracle").tags["selection"] == "oracle"
+        assert set(client.get_registered_model("dualssl-pancreas-oracle").aliases) == {"oracle"}
+        assert client.get_run(parent.info.run_id).data.tags["deployable"].startswith("false")
+
+        smoke = _study(tmp_path, "smoke", "source-val", path, parent.info.run_id, model_name="dualssl-pancreas-smoke")
+        assert main(["--study", str(smoke)]) == 0
+        assert client.get_registered_model("dualssl-pancreas").aliases == before.aliases
+        assert len(client.search_model_versions("name='dualssl-pancreas'")) == 1
     finally:
         mlflow.set_tracking_uri("")
 
 
-@pytest.mark.parametrize("selection, alias", [("source-val", "champion"), ("oracle", "oracle")])
-def test_oracle_selected_study_is_never_registered_as_champion(tmp_path, capsys, selection, alias):
-    import mlflow
+def test_a_smoke_study_registers_under_its_own_name():
+    from studies.preflight import build_parser
+    from studies.tune import registered_model_name
 
-    from studies.export_best import main
-    from studies.train_loop import CHECKPOINT_FILE
-
-    path, _, _ = _checkpoint(tmp_path)
-    trial_dir = tmp_path / "runs" / "trial_0" / "checkpoint_000002"
-    trial_dir.mkdir(parents=True)
-    path.rename(trial_dir / CHECKPOINT_FILE)
-    _sqlite_store(tmp_path, "study")
-    with mlflow.start_run(run_name="study") as parent:
-        pass
-    study = tmp_path / "study"
-    study.mkdir()
-    (study / "study.json").write_text(json.dumps({
-        "experiment": "study", "selection": selection, "source_sites": ["pv_standard"], "storage": str(tmp_path),
-        "tracking_uri": mlflow.get_tracking_uri(), "parent_run_id": parent.info.run_id}))
-    (study / "trials.json").write_text(json.dumps([
-        {"trial_id": "t0", "objective": 0.6, "best_checkpoint": str(trial_dir), "metrics": {"best_val_dice": 0.6}},
-        {"trial_id": "t1", "objective": None, "best_checkpoint": None}]))
-    assert main(["--study", str(study)]) == 0
-    err = capsys.readouterr().err
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("dualssl-pancreas", alias)
-    aliases = client.get_registered_model("dualssl-pancreas").aliases
-    assert set(aliases) == {alias} and str(aliases[alias]) == str(version.version)
-    exported = json.loads((study / "export.json").read_text())
-    assert exported["registered_uri"] == f"models:/dualssl-pancreas@{alias}" and exported["alias"] == alias
-    deployable = client.get_run(parent.info.run_id).data.tags.get("deployable")
-    if selection == "oracle":
-        assert "not a deployable @champion" in err and deployable.startswith("false")
-    else:
-        assert "oracle" not in err and deployable is None
-    mlflow.set_tracking_uri("")
+    assert registered_model_name(build_parser().parse_args([])) == "dualssl-pancreas"
+    assert registered_model_name(build_parser().parse_args(["--smoke-test"])) == "dualssl-pancreas-smoke"
+    assert registered_model_name(build_parser().parse_args(["--smoke-test", "--model-name", "mine"])) == "mine-smoke"
+    assert registered_model_name(build_parser().parse_args(["--model-name", "mine"])) == "mine"

@@ -283,7 +283,36 @@ def test_smoke_study_restarts_killed_workers_and_exports_what_it_reported(smoke_
     # The export reproduces the exported trial's reported validation Dice on the same cases.
     best = next(r for r in rows if r["trial_id"] == summary["best_trial_id"])
     assert abs(validation_dice(summary["model_dir"]) - best["metrics"]["best_val_dice"]) < 1e-3
-    assert summary["registered_uri"] == "models:/dualssl-pancreas@champion"
+    assert summary["registered_uri"] == "models:/dualssl-pancreas-smoke@champion"  # never a user's model
+
+
+@pytest.mark.slow
+def test_evaluate_model_reproduces_the_per_case_dice_the_study_logged_for_its_exported_trial(smoke_study, phantom_root,
+                                                                                             tmp_path):
+    """`dualssl evaluate --model` on the study's export and on its registry URI: every case of the
+    exported trial's logged per_case.csv (source validation + unseen report part) gets the same Dice."""
+    import csv
+
+    from dualssl.cli import main
+
+    rows, client, summary = smoke_study["rows"], smoke_study["client"], smoke_study["summary"]
+    best = next(r for r in rows if r["trial_id"] == summary["best_trial_id"])
+    logged = Path(client.download_artifacts(best["run_id"], "trial/per_case.csv", str(tmp_path / "logged")))
+    with open(logged) as fh:
+        reported = {r["case_id"]: float(r["dice"]) for r in csv.DictReader(fh)}
+    os.environ["MLFLOW_TRACKING_URI"] = smoke_study["manifest"]["tracking_uri"]
+    try:
+        for source in (summary["model_dir"], summary["registered_uri"]):
+            out = tmp_path / source.replace("/", "_").replace(":", "_").replace("@", "_")
+            assert main(["evaluate", "--model", source, "--data", str(phantom_root), "--sites",
+                         ",".join(["pv_standard", *UNSEEN]), "--out", str(out)]) == 0
+            with open(out / "per_case.csv") as fh:
+                ours = {r["case_id"]: float(r["dice"]) for r in csv.DictReader(fh)}
+            assert set(reported) <= set(ours)  # evaluate takes every unseen case, the study its report part
+            for case_id, dice in reported.items():
+                assert ours[case_id] == pytest.approx(dice, abs=1e-6), case_id
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.mark.slow

@@ -140,19 +140,22 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Conf
     return SegmentationNet(net), cfg
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, sites: Sequence[str] | None,
-                        out_dir: str | Path, tta: bool = False) -> dict[str, Any]:
-    """Evaluate a training checkpoint on held-out cases of ``sites`` (default: every non-source site).
+def evaluate_held_out(model: torch.nn.Module, cfg: Config, data_root: str | Path, sites: Sequence[str] | None,
+                      out_dir: str | Path, tta: bool | None = None,
+                      meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (with its training ``cfg``) on held-out cases of ``sites`` (default: every
+    non-source site) of the dataset at ``data_root``.
 
     The dataset is split exactly as in training (``data.source_sites``, ``val_fraction``,
-    ``split_seed`` from the checkpoint's config): a source site contributes its validation cases
-    only, never its training cases; any other site contributes all its cases.
+    ``split_seed`` of ``cfg``): a source site contributes its validation cases only, never its training
+    cases; any other site contributes all its cases. ``tta`` None keeps ``cfg.eval.tta_flips`` (what the
+    study evaluated with). Writes ``per_case.csv`` and ``summary.json`` (:func:`evaluate_cases`).
     """
     from dualssl.data.datalist import load_datalist, split_cases
 
-    model, cfg = load_checkpoint_model(checkpoint)
     cfg.data.root = str(data_root)
-    cfg.eval.tta_flips = bool(tta)
+    if tta is not None:
+        cfg.eval.tta_flips = bool(tta)
     split = split_cases(load_datalist(data_root), cfg.data.source_sites, cfg.data.val_fraction,
                         cfg.data.split_seed)
     held_out: dict[str, list[Any]] = {site: list(cases) for site, cases in split.test.items()}
@@ -166,8 +169,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, sites: Se
         raise ValueError(f"sites {unknown}: no held-out cases in {data_root}; available: {sorted(held_out)}")
     cases = [case for site in sites for case in held_out[site]]
     return evaluate_cases(Predictor(model, cfg), cases, cfg, out_dir, cfg.data.source_sites,
-                          meta={"checkpoint": str(checkpoint), "data_root": str(data_root),
-                                "sites": list(sites)})
+                          meta={"data_root": str(data_root), "sites": list(sites), **dict(meta or {})})
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, sites: Sequence[str] | None,
+                        out_dir: str | Path, tta: bool | None = None) -> dict[str, Any]:
+    """:func:`evaluate_held_out` of a training checkpoint (``.pt``)."""
+    model, cfg = load_checkpoint_model(checkpoint)
+    return evaluate_held_out(model, cfg, data_root, sites, out_dir, tta, meta={"checkpoint": str(checkpoint)})
+
+
+def evaluate_model(source: str | Path, data_root: str | Path, sites: Sequence[str] | None, out_dir: str | Path,
+                   tta: bool | None = None) -> dict[str, Any]:
+    """:func:`evaluate_held_out` of an exported model: a model folder or an MLflow model URI
+    (``models:/NAME@ALIAS``, ``runs:/ID/model``); the folder's config gives the split and the settings."""
+    from dualssl.evaluation.model_folder import load_model
+
+    model, cfg = load_model(source)
+    return evaluate_held_out(model, cfg, data_root, sites, out_dir, tta, meta={"model": str(source)})
 
 
 def _expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -206,16 +225,17 @@ def _output_paths(inputs: Sequence[str | Path], files: list[Path], output: Path)
 
 
 def predict_paths(model_or_ckpt: Predictor | str | Path, inputs: Sequence[str | Path], output: str | Path,
-                  tta: bool = False) -> list[Path]:
+                  tta: bool | None = None) -> list[Path]:
     """Segment NIfTI files (or folders of them) into uint8 masks in each input's own geometry.
 
     Args:
         model_or_ckpt: a ``Predictor``, a training checkpoint file (``.pt``), or an exported model
-            folder / MLflow model URI (``models:/NAME@ALIAS``, read by ``dualssl.export.load_model``).
+            folder / MLflow model URI (``models:/NAME@ALIAS``, read by ``dualssl.evaluation.model_folder.load_model``).
         inputs: files or folders of ``.nii``/``.nii.gz``.
         output: one input file -> the output file (``.nii``/``.nii.gz``, or an existing folder);
             several inputs -> a folder, one mask per input under the input's file name.
-        tta: flip test-time augmentation (8 flips).
+        tta: flip test-time augmentation (8 flips); None (default) keeps the model's ``eval.tta_flips``,
+            as the study's evaluation and the MLflow pyfunc do.
 
     Returns:
         The written paths, in input order.
@@ -228,7 +248,7 @@ def predict_paths(model_or_ckpt: Predictor | str | Path, inputs: Sequence[str | 
         raise FileNotFoundError(f"{model_or_ckpt}: not found; give a training checkpoint (.pt), an exported "
                                 f"model folder or an MLflow model URI such as models:/NAME@ALIAS")
     else:  # an exported model folder or an MLflow model URI
-        from dualssl.export import load_model
+        from dualssl.evaluation.model_folder import load_model
 
         predictor = Predictor(*load_model(model_or_ckpt))
     files = _expand_inputs(inputs)
