@@ -131,3 +131,31 @@ def test_nnunet_predicts_in_the_input_geometry(nnunet_cell, phantom_root):
     assert mask.shape == image.shape[:3]
     assert np.allclose(mask.affine, image.affine)
     assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+
+
+@pytest.mark.slow
+@needs_nnunet
+def test_study_with_an_nnunet_arm_joins_its_rows_and_paired_statistics(phantom_root, tmp_path):
+    from dualssl.stats import read_cases
+    from dualssl.stats.paired import paired_differences
+
+    storage = tmp_path / "studies"
+    done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
+                           "--arms", "plain,nnunet", "--seeds", "1", "--data", str(phantom_root),
+                           "--storage-path", str(storage), "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                           "--n-boot", "200", "--workers-per-trial", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = storage / "dualssl-domain-shift-smoke"
+    rows = read_cases(study / "cases.csv")
+    unseen = {arm: sorted(r["case_id"] for r in rows if r["arm"] == arm and r["role"] == "unseen")
+              for arm in ("plain", "nnunet")}
+    assert unseen["nnunet"] == unseen["plain"] and len(unseen["nnunet"]) == 10
+    paired = paired_differences([r for r in rows if r["role"] == "unseen"], reference="nnunet", by=("site",),
+                                n_boot=200)
+    assert {(r["arm"], r["site"]) for r in paired} == {("plain", "cone_beam"), ("plain", "native_thick")}
+    assert all(r["n_pairs"] == 5 for r in paired)
+    # nnU-Net's plans and training log are the cell's artifacts
+    cell = study / "cells" / "nnunet-s0-pv_standard"
+    assert (cell / "nnunet_plans.json").is_file() and list(cell.glob("nnunet_training_log_*.txt"))
+    assert "nnunet" in (study / "report" / "report.md").read_text()
