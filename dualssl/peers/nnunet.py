@@ -114,7 +114,8 @@ def settings_for(cfg: Config, peer: str, *, plan: str, device: str = "cpu", cpus
     per_epoch = cfg.optim.steps_per_epoch or 250
     return NnunetSettings(peer=peer, iterations=cfg.optim.epochs * per_epoch, iterations_per_epoch=per_epoch,
                           val_iterations=max(1, min(50, per_epoch // 5)), plan=plan,
-                          patch_cap=max(cfg.data.patch_size), mirroring=cfg.eval.tta_flips or plan == "full", da_workers=max(0, int(cpus)),
+                          patch_cap=max(cfg.data.patch_size), mirroring=cfg.eval.tta_flips or plan == "full",
+                          da_workers=max(0, int(cpus)),
                           device=device, threads=max(1, int(cpus)), seed=cfg.optim.seed).validate()
 
 
@@ -217,8 +218,6 @@ def train(settings: NnunetSettings, plans_id: str) -> Path:
     """Train fold 0 for the budget -> the folder holding ``checkpoint_final.pth`` (kept if already there)."""
     import torch
 
-    from nnunetv2.utilities.helpers import empty_cache  # noqa: F401  (import check of nnU-Net's helpers)
-
     prep = _preprocessed_folder(settings)
     plans = json.loads((prep / f"{plans_id}.json").read_text())
     plans["continue_training"] = False  # nnU-Net's run_training passes it inside the plans
@@ -255,7 +254,8 @@ class NnunetPredictor:
         channels = determine_num_input_channels(plans_manager, conf, dataset_json)
         labels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         # the trainer's own architecture builder (a staticmethod), deep supervision off for inference
-        network = trainer_class("nnunet").build_network_architecture(
+        peer = {name: arm for arm, name in TRAINERS.items()}.get(state["trainer_name"], "nnunet")
+        network = trainer_class(peer).build_network_architecture(
             plans_manager, conf, channels, labels, enable_deep_supervision=False)
         self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                          perform_everything_on_device=device != "cpu", device=torch.device(device),
