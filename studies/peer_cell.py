@@ -47,6 +47,12 @@ def peer_work_dir(train_storage: str, cell: str) -> Path:
 def peer_cell_task(cfg_dict: dict[str, Any], peer: str, plan: str, work: str, cpus: float,
                    gpus: float) -> dict[str, Any]:
     """Train and evaluate one peer cell (runs in a Ray task; also callable directly, without Ray)."""
+    import multiprocessing
+
+    # nnU-Net forks pools with the default start method in places (its file listing): a fork of a Ray
+    # worker, which runs threads, hung on a lock copied mid-acquire (seen in the fingerprint step).
+    # Spawned children re-import the main module; a Ray worker's (default_worker.py) only builds a parser.
+    multiprocessing.set_start_method("spawn", force=True)
     from dualssl.peers.nnunet import NnunetPredictor, run_cell, settings_for
     from studies.crosssite import evaluate_predictor
 
