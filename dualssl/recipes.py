@@ -64,6 +64,15 @@ ARMS: dict[str, Recipe] = {
     "gin": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "data.domain_aug": "gin"},
 }
 
+PEER_ARMS: dict[str, Recipe] = {
+    # nnU-Net v2 itself on each cell's split (dualssl/peers/nnunet.py): its default trainer, and
+    # nnUNetTrainerDA5 (heavier augmentation, what its maintainers suggest under domain shift)
+    "nnunet": {"study.peer": "nnunet"},
+    "nnunet-da5": {"study.peer": "nnunet-da5"},
+}
+"""Arms of the domain-shift study that are other systems (``study.peer``), run on the same cells
+and budget (``optim.epochs x optim.steps_per_epoch`` iterations) as ``ARMS``."""
+
 RECIPES: dict[str, Recipe] = {**SCALES, **ARMS}
 
 
@@ -79,7 +88,8 @@ def load_recipes(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: expected a mapping of recipe names to mappings of dotted keys")
     for name, values in tree.items():
         try:
-            Config().with_overrides(dict(values)).validate()
+            # study.* keys (a peer arm's study.peer, study.peer_plan) are the study's, not the Config's
+            Config().with_overrides({k: v for k, v in values.items() if not str(k).startswith("study.")}).validate()
         except ConfigError as exc:
             raise ConfigError(f"{path}: recipe {name}: {exc}") from exc
     return {str(k): dict(v) for k, v in tree.items()}

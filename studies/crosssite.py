@@ -97,7 +97,6 @@ def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: s
 def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: str | None) -> dict[str, Any]:
     from dualssl.engine import load_checkpoint
     from dualssl.evaluation.inference import Predictor
-    from dualssl.evaluation.run import evaluate_cases
     from dualssl.models import SegmentationNet, build_model
     from studies.train_loop import CHECKPOINT_FILE
 
@@ -111,22 +110,33 @@ def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: 
     net.load_state_dict(state["model"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
+    return {**evaluate_predictor(predictor, cfg), "epoch": int(state["epoch"]) - 1}
+
+
+def evaluate_predictor(predictor: Any, cfg: Config, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Any predictor with ``predict_file(path) -> nibabel image`` (input grid) on a cell's evaluation parts.
+
+    Returns ``{"summary", "files"}`` as :func:`evaluate_checkpoint` (which calls it for our own nets;
+    ``studies/peer_cell.py`` for a peer system's predictor); ``meta`` goes into both summaries' settings.
+    """
+    from dualssl.evaluation.run import evaluate_cases
+
     parts = evaluation_parts(cfg)
     sources = cfg.data.source_sites
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="dualssl-eval-") as tmp:
         summary = evaluate_cases(predictor, parts["source"] + parts["report"], cfg, Path(tmp) / "report",
-                                 sources, meta={"part": "source validation + unseen report part"})
+                                 sources, meta={**(meta or {}), "part": "source validation + unseen report part"})
         files.update({p.name: p.read_bytes() for p in (Path(tmp) / "report").iterdir() if p.is_file()})
         if parts["selection"]:
             oracle = evaluate_cases(predictor, parts["selection"], cfg, Path(tmp) / "oracle", sources,
-                                    meta={"part": "unseen selection part (oracle)"})
+                                    meta={**(meta or {}), "part": "unseen selection part (oracle)"})
             files.update({f"oracle_{p.name}": p.read_bytes() for p in (Path(tmp) / "oracle").iterdir()
                           if p.is_file()})
         else:
             oracle = summarise([], sources)
     summary["oracle"] = {"per_site": oracle["per_site"], "across_sites": oracle["across_sites"]}
-    return {"summary": summary, "files": files, "epoch": int(state["epoch"]) - 1}
+    return {"summary": summary, "files": files}
 
 
 def evaluate_async(checkpoint: ray.train.Checkpoint, cpus: float, gpus: float) -> ray.ObjectRef:

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # `python studies/domain_shift.py`: make `studies
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualssl.config import Config, ConfigError  # noqa: E402
-from dualssl.recipes import ARMS, apply_recipe, load_recipes  # noqa: E402
+from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe, load_recipes  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 
 DEFAULT_STORAGE = Path.home() / "dualssl-studies"
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training site(s), one cell each, comma-separated (default pv_standard)")
     p.add_argument("--leave-one-site-out", action="store_true",
                    help="one cell per (non-sweep) site as source: the full train x test matrix")
-    p.add_argument("--arms", default="plain,dual", help=f"comma-separated; known: {', '.join(ARMS)}")
+    p.add_argument("--arms", default="plain,dual", help=f"comma-separated; known: {', '.join([*ARMS, *PEER_ARMS])}")
     p.add_argument("--arms-file", type=Path, help="YAML {arm: {dotted.key: value}} adding or redefining arms")
     p.add_argument("--seeds", default=None, help="a count (default 3; smoke 2) or a comma list of seeds")
     p.add_argument("--from-study", type=Path,
@@ -121,7 +121,7 @@ def parse_seeds(text: str | None, smoke: bool) -> list[int]:
 
 def arm_table(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The arms asked for, each a dict of dotted overrides (``--arms-file`` adds or redefines)."""
-    table = {name: dict(values) for name, values in ARMS.items()}
+    table = {name: dict(values) for name, values in {**ARMS, **PEER_ARMS}.items()}
     if args.arms_file:
         table.update(load_recipes(args.arms_file))
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -132,6 +132,13 @@ def arm_table(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if len(names) < 1 or len(set(names)) != len(names):
         raise ConfigError(f"--arms {args.arms}: name each arm once")
     arms = {a: table[a] for a in names}
+    for arm, values in arms.items():  # a peer system (nnU-Net) must be importable here
+        if values.get("study.peer"):
+            from dualssl.peers import missing
+
+            why = missing(str(values["study.peer"]))
+            if why:
+                raise ConfigError(f"--arms {arm}: {why}")
     if args.from_study:
         arms_with_weights = [a for a in arms if a == "dual"]
         if not arms_with_weights:

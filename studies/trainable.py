@@ -62,6 +62,11 @@ class TrialSettings:
     arm: str = ""
     """Label of the study arm (``dualssl.recipes.ARMS`` name; an MLflow tag ``arm``). A label only:
     the arm's config keys go in ``overrides``."""
+    peer: str = ""
+    """A peer system that runs this cell instead of our engine (``dualssl.peers.PEERS``, e.g. nnunet;
+    ``dualssl.recipes.PEER_ARMS``); empty: our engine. See ``studies/peer_cell.py``."""
+    peer_plan: str = "auto"
+    """A peer cell's plan: 'capped' (CPU-sized), 'full', or 'auto' (capped without a GPU, else full)."""
 
 
 class TrialTorchTrainer(TorchTrainer):
@@ -82,8 +87,8 @@ class TrialTorchTrainer(TorchTrainer):
         return [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
 
 
-_LABELS = ("study.arm", "study.cell")
-"""study.* keys allowed inside ``study.overrides`` (labels of the cell)."""
+_LABELS = ("study.arm", "study.cell", "study.peer", "study.peer_plan")
+"""study.* keys allowed inside ``study.overrides`` (labels of the cell, and a peer arm's system)."""
 
 
 def _set_setting(settings: TrialSettings, key: str, value: Any) -> None:
@@ -199,6 +204,8 @@ def train_func(config: dict[str, Any]) -> None:
     started = time.time()
     cfg, settings = split_config(config)
     trial_id = tune.get_context().get_trial_id()
+    if settings.peer:  # an arm that is another system (nnU-Net): its own pipeline in the cell's resources
+        return _peer_cell(cfg, settings, trial_id, started)
     use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker}
     if use_gpu:
@@ -264,4 +271,20 @@ def train_func(config: dict[str, Any]) -> None:
         # where the trial's time went (studies/throughput.py), as time/* metrics of its result and run
         final.update(time_breakdown(history, started, fit_done, eval_done, time.time(),
                                     (result.metrics or {}).get(LOOP_START_KEY)))
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _peer_cell(cfg: Config, settings: TrialSettings, trial_id: str, started: float) -> None:
+    """A peer arm's cell (``studies/peer_cell.py``), reported like ours: cross-site numbers, artifacts."""
+    from studies.peer_cell import run_peer_cell
+
+    outcome = run_peer_cell(cfg, settings, trial_id)
+    cross = flat_metrics(outcome["summary"])
+    best_val = float(outcome["summary"]["per_site"].get(cfg.data.source_sites[0], {}).get("dice_mean", math.nan))
+    final = {**cross, FINAL_KEY: 1.0, "objective": objective(settings.selection, best_val, cross),
+             f"best_{cfg.eval.selection_metric}": best_val, "best_epoch": outcome["epochs"] - 1, ASHA_KEY: math.nan,
+             "epochs_done": outcome["epochs"], "timesteps_total": outcome["epochs"],
+             **{f"time/{k}": v for k, v in outcome["seconds"].items()}, "time/total_s": time.time() - started}
+    with tempfile.TemporaryDirectory(prefix="dualssl-trial-") as tmp:
+        write_artifacts(Path(tmp), cfg, [], outcome["files"], {"trial_id": trial_id, **outcome["info"]})
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
