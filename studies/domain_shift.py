@@ -39,8 +39,9 @@ if __package__ in (None, ""):  # `python studies/domain_shift.py`: make `studies
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualssl.config import Config, ConfigError  # noqa: E402
-from dualssl.recipes import ARMS, apply_recipe, load_recipes  # noqa: E402
+from dualssl.recipes import ARMS, apply_recipe  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
+from studies.shift_arms import arm_table, best_loss_weights, describe_arms  # noqa: E402,F401
 
 DEFAULT_STORAGE = Path.home() / "dualssl-studies"
 PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
@@ -97,6 +98,10 @@ class Plan:
     source_sites: list[str]
     sweeps: dict[str, list[Any]]
     cells: list[dict[str, Any]] = field(default_factory=list)
+    arm_sources: dict[str, str] = field(default_factory=dict)
+    """Where each arm's settings came from (default recipe, --arms-file, --from-study)."""
+    arm_rows: list[dict[str, str]] = field(default_factory=list)
+    """``studies.shift_arms.describe_arms``: each arm's source and resolved differences from plain."""
 
 
 def parse_seeds(text: str | None, smoke: bool) -> list[int]:
@@ -114,43 +119,6 @@ def parse_seeds(text: str | None, smoke: bool) -> list[int]:
     if len(set(values)) != len(values):
         raise ConfigError(f"--seeds {text}: a seed is named twice")
     return values
-
-
-def arm_table(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The arms asked for, each a dict of dotted overrides (``--arms-file`` adds or redefines)."""
-    table = {name: dict(values) for name, values in ARMS.items()}
-    if args.arms_file:
-        table.update(load_recipes(args.arms_file))
-    names = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in names if a not in table]
-    if unknown:
-        raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(table)} "
-                          "(add your own with --arms-file)")
-    if len(names) < 1 or len(set(names)) != len(names):
-        raise ConfigError(f"--arms {args.arms}: name each arm once")
-    arms = {a: table[a] for a in names}
-    if args.from_study:
-        arms_with_weights = [a for a in arms if a == "dual"]
-        if not arms_with_weights:
-            raise ConfigError("--from-study sets the dual arm's loss weights, but --arms has no 'dual'")
-        arms["dual"] = {**arms["dual"], **best_loss_weights(args.from_study)}
-    return arms
-
-
-def best_loss_weights(study: Path) -> dict[str, Any]:
-    """The searched ``loss.*`` values of the best trial of a finished ``tune.py`` study folder."""
-    trials, manifest = study / "trials.json", study / "study.json"
-    if not trials.is_file() or not manifest.is_file():
-        raise ConfigError(f"--from-study {study}: no trials.json / study.json; give the folder of a finished "
-                          "tune.py study (its --study-dir, by default ~/dualssl-studies/dualssl-study)")
-    best_id = json.loads(manifest.read_text()).get("best_trial_id")
-    rows = {r["trial_id"]: r for r in json.loads(trials.read_text())}
-    if best_id not in rows:
-        raise ConfigError(f"--from-study {study}: study.json names no best trial; did the study finish?")
-    weights = {k: v for k, v in rows[best_id].get("params", {}).items() if k.startswith("loss.")}
-    if not weights:
-        raise ConfigError(f"--from-study {study}: the best trial {best_id} searched no loss.* parameter")
-    return weights
 
 
 def sweep_spec(args: argparse.Namespace) -> dict[str, list[Any]]:
@@ -226,12 +194,13 @@ def prepare(args: argparse.Namespace) -> Plan:
     study_dir = Path(args.study_dir or (Path(storage) / experiment if "://" not in storage
                                         else DEFAULT_STORAGE / experiment)).expanduser().resolve()
     cfg = arms = seeds = sweeps = None
+    sources_of_arms: dict[str, str] = {}
     for step in ("cfg", "arms", "seeds", "sweeps"):
         try:
             if step == "cfg":
                 cfg = base_config(args)
             elif step == "arms":
-                arms = arm_table(args)
+                arms, sources_of_arms = arm_table(args)
             elif step == "seeds":
                 seeds = parse_seeds(args.seeds, args.smoke_test)
             else:
@@ -284,6 +253,11 @@ def prepare(args: argparse.Namespace) -> Plan:
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps)
     plan.cells = make_cells(arms, seeds, sources)
+    plan.arm_sources = sources_of_arms
+    try:
+        plan.arm_rows = describe_arms(cfg, arms, sources_of_arms)
+    except ConfigError as exc:
+        raise StudyError([f"--arms: {exc}"]) from exc
     return plan
 
 

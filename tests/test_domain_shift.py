@@ -62,6 +62,53 @@ def test_arms_file_adds_an_arm_and_from_study_needs_dual(tmp_path, phantom_root)
                       "--storage-path", str(tmp_path)))
 
 
+def _tune_study(folder: Path, selection: str) -> Path:
+    """A finished tune.py study folder as tune.py writes it (study.json via finish.write_manifest,
+    trials.json/trials.csv via finish.write_table), holding two trials."""
+    from studies.finish import write_manifest, write_table
+
+    folder.mkdir(parents=True)
+    rows = [{"trial_id": "a0001", "status": "completed", "objective": 0.41, "config_hash": "x",
+             "params": {"loss.lambda_con": 0.3, "loss.lambda_rec": 0.05, "loss.tau": 0.2},
+             "metrics": {"best_val_dice": 0.41}},
+            {"trial_id": "a0002", "status": "completed", "objective": 0.30, "config_hash": "y",
+             "params": {"loss.lambda_con": 0.01, "loss.lambda_rec": 0.5, "loss.tau": 0.1},
+             "metrics": {"best_val_dice": 0.30}}]
+    write_table(folder, rows)
+    write_manifest(folder, {"experiment": folder.name, "study_dir": str(folder), "selection": selection,
+                            "selection_metric": "val_dice", "searched": ["loss.lambda_con", "loss.lambda_rec",
+                                                                         "loss.tau"], "best_trial_id": "a0001"})
+    return folder
+
+
+def test_from_study_refuses_an_oracle_selected_study(tmp_path, phantom_root):
+    oracle = _tune_study(tmp_path / "oracle-study", "oracle")
+    with pytest.raises(StudyError) as info:
+        prepare(_args("--data", str(phantom_root), "--from-study", str(oracle), "--storage-path", str(tmp_path)))
+    message = str(info.value)
+    assert f"--from-study {oracle}" in message and "oracle-selected" in message
+    assert "--selection source-val" in message  # the fix
+
+
+def test_report_rows_say_where_each_arm_came_from_and_what_it_changes(tmp_path, phantom_root):
+    fair = _tune_study(tmp_path / "fair-study", "source-val")
+    arms = tmp_path / "arms.yaml"
+    arms.write_text("heavy_con:\n  loss.lambda_con: 1.0\n  loss.lambda_rec: 0.0\n")
+    plan = prepare(_args("--data", str(phantom_root), "--arms", "plain,dual,heavy_con", "--arms-file", str(arms),
+                         "--from-study", str(fair), "--storage-path", str(tmp_path)))
+    assert {k: plan.arms["dual"][k] for k in ("loss.lambda_con", "loss.lambda_rec", "loss.tau")} == {
+        "loss.lambda_con": 0.3, "loss.lambda_rec": 0.05, "loss.tau": 0.2}
+    rows = {r["arm"]: r for r in plan.arm_rows}
+    assert rows["plain"]["settings_from"].startswith("default recipe")
+    assert rows["plain"]["differences"] == "none (the reference)"
+    assert f"--from-study {fair} (trial a0001" in rows["dual"]["settings_from"]
+    assert rows["heavy_con"]["settings_from"] == f"--arms-file {arms}"
+    # resolved on the study's base config: plain switches both SSL branches off, so these differ
+    assert "loss.lambda_con: 0.0 -> 0.3" in rows["dual"]["differences"]
+    assert "loss.tau: " in rows["dual"]["differences"]
+    assert rows["heavy_con"]["differences"] == "loss.lambda_con: 0.0 -> 1.0"
+
+
 def test_leave_one_site_out_trains_on_every_site(tmp_path, phantom_root):
     plan = prepare(_args("--data", str(phantom_root), "--leave-one-site-out", "--seeds", "1",
                          "--storage-path", str(tmp_path)))
