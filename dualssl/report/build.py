@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dualssl.report import figures, html, markdown
+from dualssl.report import figures, html, markdown, study_sections
 from dualssl.report.document import Document, Section, Table, facts_from_meta
 from dualssl.stats.bootstrap import DEFAULT_N_BOOT
 from dualssl.stats.cases import as_rows, is_sweep, ordered, unseen_rows
-from dualssl.stats.paired import paired_differences
 from dualssl.stats.summary import FAIL_BELOW, summarise
 from dualssl.stats.tables import format_ci, format_number, format_p, write_csv
 
@@ -62,7 +61,8 @@ def _paired_table(per_site: list[dict], reference: str) -> Table:
 
 def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: str,
                  meta: Mapping[str, Any] | None = None, *, reference: str = "plain", metric: str = "dice",
-                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Path]:
+                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0, arms_info: Sequence[Mapping[str, str]] = (),
+                 failed_cells: Sequence[Mapping[str, Any]] = (), total_cells: int | None = None) -> dict[str, Path]:
     """Write the study report into ``out_dir`` and return its files by name.
 
     Always: ``markdown`` (report.md), ``html`` (report.html, self-contained), ``summary_png``,
@@ -75,6 +75,10 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         meta: study facts for the header (data, sites, arms, seeds, wall_time_s, ...), in order.
         reference: the arm every other arm is compared with.
         metric: the per-case column the report is about.
+        arms_info: ``studies.shift_arms.describe_arms`` rows (arm, settings_from, differences): an "Arms" section.
+        failed_cells: cells that did not finish (cell, arm, seed, source_site, status, error), named in
+            their own section; out of ``total_cells``. A paired comparison uses only the cases present
+            under both arms (``study_sections.complete_pairs``).
     """
     rows = as_rows(rows)
     out = Path(out_dir)
@@ -96,15 +100,21 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
     paths["site_csv"] = write_csv(site_stats, out / "site_stats.csv")
     paths["pooled_csv"] = write_csv(pooled, out / "pooled_unseen.csv")
     compare = reference in arms and len(arms) > 1 and bool(unseen)
-    paired_site = by_arm(paired_differences(unseen, reference=reference, by=("site",), **stat_kw)) if compare else []
-    paired_pool = by_arm(paired_differences(unseen, reference=reference, by=(), **stat_kw)) if compare else []
+    paired_site, pair_counts = study_sections.paired_by_arm(unseen, reference, arms, by=("site",), **stat_kw) \
+        if compare else ([], {})
+    paired_pool = study_sections.paired_by_arm(unseen, reference, arms, by=(), **stat_kw)[0] if compare else []
+    paired_site, paired_pool = by_arm(paired_site), by_arm(paired_pool)
+    compare = compare and bool(paired_pool)
     if compare:
         paths["paired_csv"] = write_csv(paired_pool + paired_site, out / "paired_differences.csv")
 
     doc = Document(title, facts_from_meta(meta or {}))
+    if failed_cells:
+        doc.sections.append(study_sections.failed_section(failed_cells, total_cells or len(failed_cells)))
     doc.sections.append(Section(
         "Unseen sites, pooled (headline)",
         f"Each arm over every unseen-site case of every source site and seed."
+        + (f" {study_sections.pairs_note(pair_counts, reference)}" if pair_counts else "")
         + ("" if compare else f" No paired comparison: the table needs the reference arm {reference!r} "
                               f"and at least one other arm."),
         _pooled_table(pooled, paired_pool, reference, metric)))
@@ -122,6 +132,11 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
             _paired_table(paired_site, reference), paths["forest_png"],
             f"Arm − {reference}, mean of paired differences with 95% CI; the line marks no difference."))
 
+    distances = study_sections.distance_section(unseen, arms, n_boot=n_boot, seed=seed)
+    if distances is not None:
+        doc.sections.append(distances)
+    if arms_info:
+        doc.sections.append(study_sections.arms_section(arms_info, reference))
     doc.sections.append(Section("Per arm, source site and test site",
                                 "Source-site rows are that site's own validation cases.",
                                 _site_table(site_stats, metric)))
