@@ -324,10 +324,16 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,
-                "resources": asdict(resources), "kind": "domain-shift"}
+                "resources": asdict(resources), "kind": "domain-shift", "arms_provenance": plan.arm_rows}
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
 
     # 5. The grid: one Tune trial per cell, no early stopping (every arm gets the same schedule).
+    # Without --verbose: our table and one line per ended cell (studies/shift_console.py), not Ray's boxes.
+    from studies.shift_console import CellReporter, quiet_tune_errors
+
+    if not args.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's progress_reporter is used only by the classic output
+    quiet_tune_errors(args.verbose)
     trainable = tune.with_resources(trainable_mod.train_func, resources.trial_resources())
     tuner_path = f"{plan.storage}/{plan.experiment}"
     if args.resume and tune.Tuner.can_restore(tuner_path):
@@ -342,6 +348,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=plan.experiment, storage_path=plan.storage,
                                       verbose=2 if args.verbose else 1, failure_config=tune.FailureConfig(max_failures=1),
+                                      progress_reporter=None if args.verbose else CellReporter(),
                                       callbacks=[TrialRuns(tracking_uri, parent, tags,
                                                            journal=plan.study_dir / JOURNAL_NAME),
                                                  *result_loggers()]))
@@ -352,33 +359,52 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     cases_csv = write_csv(cases, plan.study_dir / "cases.csv", CASE_COLUMNS)
     write_csv(cells, plan.study_dir / "cells.csv")
     done = [c for c in cells if c["status"] == "completed"]
+    failed = [c for c in cells if c["status"] != "completed"]
 
     # 7. Statistics and the report (on the unseen sites' every case; see the module docstring).
     summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells,
                                "wall_time_s": time.time() - started}
+    paths = None
     if cases:
-        meta = {"data": cfg.data.root, "source sites": plan.source_sites, "arms": list(plan.arms),
-                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished", "epochs": cfg.optim.epochs,
+        meta = {"data": cfg.data.root + (" (the procedural phantom: a test fixture, not evidence about real "
+                                         "hospitals)" if args.data is None else ""),
+                "source sites": plan.source_sites, "arms": list(plan.arms),
+                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished" + (
+                    f" (did not finish: {', '.join(c['cell'] for c in failed)})" if failed else ""),
+                "epochs": cfg.optim.epochs,
                 "selection": "best epoch on source validation (no unseen-site data)",
                 "unseen cases": "every case of each unseen site (selection and report parts)",
                 "wall_time_s": round(time.time() - started)}
         paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
-                             meta, n_boot=args.n_boot)
+                             meta, n_boot=args.n_boot, arms_info=plan.arm_rows, failed_cells=failed,
+                             total_cells=len(cells))
         summary["report"] = {k: str(v) for k, v in paths.items()}
-        _log_parent(tracking_uri, parent, plan.study_dir, paths)
+    _log_parent(tracking_uri, parent, plan.study_dir, paths, failed, len(cells))
+    if cases and "pooled_csv" in summary.get("report", {}):
+        from studies.shift_console import report_headline
+
+        summary["headline"] = report_headline(summary["report"], cases, args.data is None)
     summary["wall_time_s"] = time.time() - started
-    manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done))
+    manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done),
+                    cells_failed=[{k: c.get(k) for k in ("cell", "status", "error")} for c in failed])
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return summary
 
 
-def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path]) -> None:
+def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path] | None,
+                failed: list[dict[str, Any]], total: int) -> None:
+    """The study's tables and report on the MLflow parent run, and which cells did not finish (tags
+    ``cells_failed`` / ``failed_cells``, the latter naming them; ``cells.csv`` holds their errors)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
+    client.set_tag(parent, "cells_failed", f"{len(failed)} of {total}")
+    client.set_tag(parent, "failed_cells", ", ".join(c["cell"] for c in failed)[:4000] or "none")
     for name in ("cases.csv", "cells.csv"):
-        client.log_artifact(parent, str(study_dir / name))
-    client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
+        if (study_dir / name).is_file():
+            client.log_artifact(parent, str(study_dir / name))
+    if paths is not None:
+        client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,10 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     report = summary.get("report", {})
-    if "markdown" in report:
-        print(Path(report["markdown"]).read_text())
+    for line in summary.get("headline", []):
+        print(line)
     done = sum(c["status"] == "completed" for c in summary["cells"])
-    print(f"\n{done} of {len(summary['cells'])} cells finished. Report: {report.get('html', '(none)')}")
+    failed = [c["cell"] for c in summary["cells"] if c["status"] != "completed"]
+    print(f"\n{done} of {len(summary['cells'])} cells finished" + (f"; did not finish: {', '.join(failed)}"
+                                                                      if failed else "") + ".")
+    print(f"Report:       {report.get('html', '(none: no cell finished)')}")
+    if "markdown" in report:
+        print(f"              {report['markdown']}")
     print(f"MLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
     print(f"Study folder: {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
     return 0 if done == len(summary["cells"]) else 1

@@ -21,6 +21,14 @@ CASE_COLUMNS = ("arm", "seed", "source_site", "site", "case_id", "role", "part",
 DISTANCE_COLUMNS = ("hd95", "asd", "hd95_penalised", "asd_penalised")
 
 
+def _error_line(error: BaseException | None, limit: int = 500) -> str:
+    """The last line of a trial's error (the exception that ended it), '' when it has none."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:limit]
+
+
 def _flag(text: object) -> bool:
     return str(text).strip().lower() in ("true", "1", "yes")
 
@@ -64,7 +72,8 @@ def collect(grid, study_dir: Path, sweeps: dict[str, dict[str, Any]]) -> tuple[l
                "status": "completed" if metrics.get(FINAL_KEY) else ("error" if result.error else "incomplete"),
                "best_val_dice": metrics.get(f"best_{cfg.eval.selection_metric}", math.nan),
                "mean_unseen_dice": metrics.get("mean_unseen_dice", math.nan),
-               "best_epoch": metrics.get("best_epoch", -1)}
+               "best_epoch": metrics.get("best_epoch", -1),
+               "error": _error_line(result.error)}
         cells.append(row)
         if row["status"] != "completed" or result.checkpoint is None:
             continue
