@@ -17,7 +17,10 @@ paired differences against ``plain``, Wilcoxon) and a report::
 Steps: 1. preflight on the driver (flags, arms, config, data: every problem at once, exit 2);
 2. data (a phantom with a severity sweep when ``--data`` is absent); 3. Ray and resources; 4. MLflow
 parent run; 5. the grid (``--resume`` reruns no finished cell); 6. per-case table of every cell;
-7. statistics and report, logged to the parent run.
+7. statistics and report, logged to the parent run. A cell that fails is named in the report and on
+the parent run; the statistics use the cells that finished (pairs only where both arms finished) and
+the study exits 1. The terminal shows a progress table, one line per ended cell and the headline
+(``studies/shift_console.py``); Ray's boxes and worker lines only with ``--verbose``.
 
 Reported numbers use every case of the unseen sites: the cells are selected on source validation
 only, so the unseen sites' oracle selection part (``studies/crosssite.py``) was never looked at; the
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms-file", type=Path, help="YAML {arm: {dotted.key: value}} adding or redefining arms")
     p.add_argument("--seeds", default=None, help="a count (default 3; smoke 2) or a comma list of seeds")
     p.add_argument("--from-study", type=Path,
-                   help="folder of a finished tune.py study: the dual arm takes its best trial's loss weights")
+                   help="folder of a finished tune.py study selected on source validation (an oracle-selected "
+                        "one is refused): the dual arm takes its best trial's loss weights")
     p.add_argument("--sweep", action="append", default=None, metavar="AXIS=V1,V2",
                    help="severity sweep sites of the generated phantom (default noise=25,50; 'none' for none)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per cell (default: the recipe's)")
