@@ -352,7 +352,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=plan.experiment, storage_path=plan.storage,
                                       verbose=2 if args.verbose else 1, failure_config=tune.FailureConfig(max_failures=1),
-                                      progress_reporter=None if args.verbose else CellReporter(),
+                                      progress_reporter=None if args.verbose else CellReporter(len(plan.cells)),
                                       callbacks=[TrialRuns(tracking_uri, parent, tags,
                                                            journal=plan.study_dir / JOURNAL_NAME),
                                                  *result_loggers()]))

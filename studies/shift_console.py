@@ -47,7 +47,8 @@ def _first_line(text: str, limit: int = 160) -> str:
 class CellReporter(ProgressReporter):
     """Tune progress reporter of the study's cells (see the module docstring)."""
 
-    def __init__(self, print_fn=print):
+    def __init__(self, total: int | None = None, print_fn=print):
+        self._total = total
         self._print = print_fn
         self._val: dict[str, float] = {}
         self._ended: set[str] = set()
@@ -75,9 +76,9 @@ class CellReporter(ProgressReporter):
                 continue
             self._ended.add(t.trial_id)
             c, r = _cell(t), t.last_result or {}
-            n = len(self._ended)
+            n = f"{len(self._ended)} of {self._total or len(trials)}"
             if t.status == "TERMINATED" and r.get("final"):
-                self._print(f"{PREFIX} cell {c['cell']} finished ({n} of {len(trials)} ended): best val Dice "
+                self._print(f"{PREFIX} cell {c['cell']} finished ({n} ended): best val Dice "
                             f"{_num(r.get('best_val_dice'))} at epoch {r.get('best_epoch', '-')}, unseen Dice "
                             f"{_num(r.get('mean_unseen_dice'))}", flush=True)
             else:
@@ -87,7 +88,7 @@ class CellReporter(ProgressReporter):
                     error = _first_line(open(where).read()) if where and str(where).endswith(".txt") else ""
                 except OSError:
                     pass
-                self._print(f"{PREFIX} cell {c['cell']} FAILED ({n} of {len(trials)} ended): {error or t.status}"
+                self._print(f"{PREFIX} cell {c['cell']} FAILED ({n} ended): {error or t.status}"
                             f" (details: {where})", flush=True)
 
     def report(self, trials: Sequence, done: bool, *sys_info: str) -> None:
