@@ -219,3 +219,21 @@ def test_the_smoke_study_prints_a_short_readable_terminal(smoke_study):
     assert len(finished) == 4
     assert "HD95 pen. mm" in done.stdout and "n_missed" in done.stdout  # the headline, distances with misses
     assert str(study / "report" / "report.html") in done.stdout
+
+
+def test_terminal_headline_puts_n_missed_beside_hd95(tmp_path):
+    """The headline the study prints, from a real report of a hand-built table (tests/test_report_failed_cells)."""
+    from dualssl.report import write_report
+    from studies.shift_console import report_headline
+    from test_report_failed_cells import _rows
+
+    rows = _rows()
+    paths = {k: str(v) for k, v in write_report(rows, tmp_path, "t", n_boot=100).items()}
+    lines = report_headline(paths, rows, phantom=True)
+    assert "test fixture, not evidence about real hospitals" in lines[0]
+    assert "HD95 pen. mm" in lines[1] and "n_missed" in lines[1]
+    by_arm = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(by_arm) == {"plain", "dual", "gin"}
+    assert by_arm["dual"][-1] == "6" and by_arm["plain"][-1] == "0"  # dual missed 6 cases
+    assert by_arm["dual"][-2] == "3.00"  # its HD95 on the cases it found
+    assert by_arm["plain"][5] == "-"  # no difference of the reference with itself
