@@ -180,7 +180,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                       tta=args.tta)
     for site, stats in summary["per_site"].items():
         print(f"{site:>16s}  dice {stats['dice_mean']:.4f} +- {stats['dice_std']:.4f}  "
-              f"hd95 {stats['hd95_mean']:.2f} mm  (n={stats['n']})")
+              f"hd95 {stats['hd95_mean']:.2f} mm (found cases; missed {stats['n_missed']}, penalised "
+              f"{stats['hd95_penalised_mean']:.2f} mm)  (n={stats['n']})")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     return 0
 

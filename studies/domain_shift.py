@@ -17,7 +17,10 @@ paired differences against ``plain``, Wilcoxon) and a report::
 Steps: 1. preflight on the driver (flags, arms, config, data: every problem at once, exit 2);
 2. data (a phantom with a severity sweep when ``--data`` is absent); 3. Ray and resources; 4. MLflow
 parent run; 5. the grid (``--resume`` reruns no finished cell); 6. per-case table of every cell;
-7. statistics and report, logged to the parent run.
+7. statistics and report, logged to the parent run. A cell that fails is named in the report and on
+the parent run; the statistics use the cells that finished (pairs only where both arms finished) and
+the study exits 1. The terminal shows a progress table, one line per ended cell and the headline
+(``studies/shift_console.py``); Ray's boxes and worker lines only with ``--verbose``.
 
 Reported numbers use every case of the unseen sites: the cells are selected on source validation
 only, so the unseen sites' oracle selection part (``studies/crosssite.py``) was never looked at; the
@@ -39,8 +42,9 @@ if __package__ in (None, ""):  # `python studies/domain_shift.py`: make `studies
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualssl.config import Config, ConfigError  # noqa: E402
-from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe, load_recipes  # noqa: E402
+from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
+from studies.shift_arms import arm_table, best_loss_weights, describe_arms  # noqa: E402,F401
 
 DEFAULT_STORAGE = Path.home() / "dualssl-studies"
 PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms-file", type=Path, help="YAML {arm: {dotted.key: value}} adding or redefining arms")
     p.add_argument("--seeds", default=None, help="a count (default 3; smoke 2) or a comma list of seeds")
     p.add_argument("--from-study", type=Path,
-                   help="folder of a finished tune.py study: the dual arm takes its best trial's loss weights")
+                   help="folder of a finished tune.py study selected on source validation (an oracle-selected "
+                        "one is refused): the dual arm takes its best trial's loss weights")
     p.add_argument("--sweep", action="append", default=None, metavar="AXIS=V1,V2",
                    help="severity sweep sites of the generated phantom (default noise=25,50; 'none' for none)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per cell (default: the recipe's)")
@@ -100,6 +105,10 @@ class Plan:
     source_sites: list[str]
     sweeps: dict[str, list[Any]]
     cells: list[dict[str, Any]] = field(default_factory=list)
+    arm_sources: dict[str, str] = field(default_factory=dict)
+    """Where each arm's settings came from (default recipe, --arms-file, --from-study)."""
+    arm_rows: list[dict[str, str]] = field(default_factory=list)
+    """``studies.shift_arms.describe_arms``: each arm's source and resolved differences from plain."""
 
 
 def parse_seeds(text: str | None, smoke: bool) -> list[int]:
@@ -117,50 +126,6 @@ def parse_seeds(text: str | None, smoke: bool) -> list[int]:
     if len(set(values)) != len(values):
         raise ConfigError(f"--seeds {text}: a seed is named twice")
     return values
-
-
-def arm_table(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The arms asked for, each a dict of dotted overrides (``--arms-file`` adds or redefines)."""
-    table = {name: dict(values) for name, values in {**ARMS, **PEER_ARMS}.items()}
-    if args.arms_file:
-        table.update(load_recipes(args.arms_file))
-    names = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in names if a not in table]
-    if unknown:
-        raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(table)} "
-                          "(add your own with --arms-file)")
-    if len(names) < 1 or len(set(names)) != len(names):
-        raise ConfigError(f"--arms {args.arms}: name each arm once")
-    arms = {a: table[a] for a in names}
-    for arm, values in arms.items():  # a peer system (nnU-Net) must be importable here
-        if values.get("study.peer"):
-            from dualssl.peers import missing
-
-            why = missing(str(values["study.peer"]))
-            if why:
-                raise ConfigError(f"--arms {arm}: {why}")
-    if args.from_study:
-        arms_with_weights = [a for a in arms if a == "dual"]
-        if not arms_with_weights:
-            raise ConfigError("--from-study sets the dual arm's loss weights, but --arms has no 'dual'")
-        arms["dual"] = {**arms["dual"], **best_loss_weights(args.from_study)}
-    return arms
-
-
-def best_loss_weights(study: Path) -> dict[str, Any]:
-    """The searched ``loss.*`` values of the best trial of a finished ``tune.py`` study folder."""
-    trials, manifest = study / "trials.json", study / "study.json"
-    if not trials.is_file() or not manifest.is_file():
-        raise ConfigError(f"--from-study {study}: no trials.json / study.json; give the folder of a finished "
-                          "tune.py study (its --study-dir, by default ~/dualssl-studies/dualssl-study)")
-    best_id = json.loads(manifest.read_text()).get("best_trial_id")
-    rows = {r["trial_id"]: r for r in json.loads(trials.read_text())}
-    if best_id not in rows:
-        raise ConfigError(f"--from-study {study}: study.json names no best trial; did the study finish?")
-    weights = {k: v for k, v in rows[best_id].get("params", {}).items() if k.startswith("loss.")}
-    if not weights:
-        raise ConfigError(f"--from-study {study}: the best trial {best_id} searched no loss.* parameter")
-    return weights
 
 
 def sweep_spec(args: argparse.Namespace) -> dict[str, list[Any]]:
@@ -236,12 +201,13 @@ def prepare(args: argparse.Namespace) -> Plan:
     study_dir = Path(args.study_dir or (Path(storage) / experiment if "://" not in storage
                                         else DEFAULT_STORAGE / experiment)).expanduser().resolve()
     cfg = arms = seeds = sweeps = None
+    sources_of_arms: dict[str, str] = {}
     for step in ("cfg", "arms", "seeds", "sweeps"):
         try:
             if step == "cfg":
                 cfg = base_config(args)
             elif step == "arms":
-                arms = arm_table(args)
+                arms, sources_of_arms = arm_table(args)
             elif step == "seeds":
                 seeds = parse_seeds(args.seeds, args.smoke_test)
             else:
@@ -294,6 +260,11 @@ def prepare(args: argparse.Namespace) -> Plan:
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps)
     plan.cells = make_cells(arms, seeds, sources)
+    plan.arm_sources = sources_of_arms
+    try:
+        plan.arm_rows = describe_arms(cfg, arms, sources_of_arms)
+    except ConfigError as exc:
+        raise StudyError([f"--arms: {exc}"]) from exc
     return plan
 
 
@@ -341,7 +312,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     if not args.skip_resource_check:
         check_resources(resources, ray.cluster_resources(), cluster_nodes())
     # 3b. Before any cell: fingerprint, --plan auto, every cell's cases preprocessed once (studies/preprocess.py).
-    from studies.preprocess import cell_configs, log_to_parent, prepare_data
+    from studies.preprocess import add_fingerprint_section, cell_configs, log_to_parent, prepare_data
 
     data_pass = prepare_data(cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb,
                              cell_configs=cell_configs(cfg, plan.cells), source_sets=[[s] for s in plan.source_sites])
@@ -365,12 +336,18 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,
-                "resources": asdict(resources), "kind": "domain-shift"}
+                "resources": asdict(resources), "kind": "domain-shift", "arms_provenance": plan.arm_rows}
     manifest.update(plan=data_pass.plan, cache_dirs=data_pass.cache_dirs)
     log_to_parent(tracking_uri, parent, data_pass)
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
 
     # 5. The grid: one Tune trial per cell, no early stopping (every arm gets the same schedule).
+    # Without --verbose: our table and one line per ended cell (studies/shift_console.py), not Ray's boxes.
+    from studies.shift_console import CellReporter, quiet_tune_errors
+
+    if not args.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's progress_reporter is used only by the classic output
+    quiet_tune_errors(args.verbose)
     trainable = tune.with_resources(trainable_mod.train_func, resources.trial_resources())
     tuner_path = f"{plan.storage}/{plan.experiment}"
     if args.resume and tune.Tuner.can_restore(tuner_path):
@@ -385,6 +362,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=plan.experiment, storage_path=plan.storage,
                                       verbose=2 if args.verbose else 1, failure_config=tune.FailureConfig(max_failures=1),
+                                      progress_reporter=None if args.verbose else CellReporter(len(plan.cells)),
                                       callbacks=[TrialRuns(tracking_uri, parent, tags,
                                                            journal=plan.study_dir / JOURNAL_NAME),
                                                  *result_loggers()]))
@@ -395,51 +373,53 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     cases_csv = write_csv(cases, plan.study_dir / "cases.csv", CASE_COLUMNS)
     write_csv(cells, plan.study_dir / "cells.csv")
     done = [c for c in cells if c["status"] == "completed"]
+    failed = [c for c in cells if c["status"] != "completed"]
 
     # 7. Statistics and the report (on the unseen sites' every case; see the module docstring).
     summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells,
                                "wall_time_s": time.time() - started}
+    paths = None
     if cases:
-        meta = {"data": cfg.data.root, "source sites": plan.source_sites, "arms": list(plan.arms),
-                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished", "epochs": cfg.optim.epochs,
+        meta = {"data": cfg.data.root + (" (the procedural phantom: a test fixture, not evidence about real "
+                                         "hospitals)" if args.data is None else ""),
+                "source sites": plan.source_sites, "arms": list(plan.arms),
+                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished" + (
+                    f" (did not finish: {', '.join(c['cell'] for c in failed)})" if failed else ""),
+                "epochs": cfg.optim.epochs,
                 "selection": "best epoch on source validation (no unseen-site data)",
                 "unseen cases": "every case of each unseen site (selection and report parts)",
                 "wall_time_s": round(time.time() - started)}
         paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
-                             meta, n_boot=args.n_boot)
+                             meta, n_boot=args.n_boot, arms_info=plan.arm_rows, failed_cells=failed,
+                             total_cells=len(cells))
         add_fingerprint_section(paths["markdown"], data_pass)
         summary["report"] = {k: str(v) for k, v in paths.items()}
-        _log_parent(tracking_uri, parent, plan.study_dir, paths)
+    _log_parent(tracking_uri, parent, plan.study_dir, paths, failed, len(cells))
+    if cases and "pooled_csv" in summary.get("report", {}):
+        from studies.shift_console import report_headline
+
+        summary["headline"] = report_headline(summary["report"], cases, args.data is None)
     summary["wall_time_s"] = time.time() - started
-    manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done))
+    manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done),
+                    cells_failed=[{k: c.get(k) for k in ("cell", "status", "error")} for c in failed])
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return summary
 
 
-def add_fingerprint_section(markdown: Path, data_pass: Any) -> None:
-    """The data pass's fingerprint figure and site differences appended to the report (phantom: a fixture)."""
-    import shutil
-
-    folder = Path(data_pass.fingerprint_dir or "")
-    if not (folder / "fingerprint.png").is_file():
-        return
-    shutil.copy(folder / "fingerprint.png", markdown.parent / "fingerprint.png")
-    lines = ["", "## Dataset fingerprint", "", "![per-site fingerprint](fingerprint.png)", ""]
-    lines += [f"- {site}: {'; '.join(notes) or 'no difference above the tolerances'}"
-              for site, notes in data_pass.differences.items()]
-    if data_pass.plan:
-        lines += ["", "Planned with `--plan auto`:", *[f"- {r}" for r in data_pass.plan["reasons"]]]
-    with markdown.open("a") as fh:
-        fh.write("\n".join(lines) + "\n")
-
-
-def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path]) -> None:
+def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path] | None,
+                failed: list[dict[str, Any]], total: int) -> None:
+    """The study's tables and report on the MLflow parent run, and which cells did not finish (tags
+    ``cells_failed`` / ``failed_cells``, the latter naming them; ``cells.csv`` holds their errors)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
+    client.set_tag(parent, "cells_failed", f"{len(failed)} of {total}")
+    client.set_tag(parent, "failed_cells", ", ".join(c["cell"] for c in failed)[:4000] or "none")
     for name in ("cases.csv", "cells.csv"):
-        client.log_artifact(parent, str(study_dir / name))
-    client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
+        if (study_dir / name).is_file():
+            client.log_artifact(parent, str(study_dir / name))
+    if paths is not None:
+        client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,10 +444,15 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     report = summary.get("report", {})
-    if "markdown" in report:
-        print(Path(report["markdown"]).read_text())
+    for line in summary.get("headline", []):
+        print(line)
     done = sum(c["status"] == "completed" for c in summary["cells"])
-    print(f"\n{done} of {len(summary['cells'])} cells finished. Report: {report.get('html', '(none)')}")
+    failed = [c["cell"] for c in summary["cells"] if c["status"] != "completed"]
+    print(f"\n{done} of {len(summary['cells'])} cells finished" + (f"; did not finish: {', '.join(failed)}"
+                                                                      if failed else "") + ".")
+    print(f"Report:       {report.get('html', '(none: no cell finished)')}")
+    if "markdown" in report:
+        print(f"              {report['markdown']}")
     print(f"MLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
     print(f"Study folder: {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
     return 0 if done == len(summary["cells"]) else 1

@@ -174,14 +174,18 @@ def format_report(rows: list[dict[str, Any]], best: dict[str, Any] | None, selec
     sites = sorted({k.split("/")[1] for k in m if k.startswith("site/")})
     lines += ["", f"best trial {best['trial_id']} (selection: {selection}), epoch {best['best_epoch']}: "
                   f"source val Dice {next(v for k, v in m.items() if k.startswith('best_')):.4f}",
-              f"{'site':>16s} {'part':>11s} {'n':>3s} {'Dice':>15s} {'HD95 mm':>15s} {'ASD mm':>15s}"]
+              f"{'site':>16s} {'part':>11s} {'n':>3s} {'Dice':>15s} {'HD95 mm':>15s} {'ASD mm':>15s} "
+              f"{'missed':>6s} {'HD95 pen.':>9s}"]
     # source sites first (their validation cases), then the unseen sites (their report part)
     for site in sorted(sites, key=lambda s: (m.get(f"site/{s}/source") != 1, s)):
         g = lambda key: m.get(f"site/{site}/{key}", math.nan)  # noqa: E731
         part = "source val" if g("source") == 1 else "unseen"
         lines.append(f"{site:>16s} {part:>11s} {int(g('n')) if math.isfinite(g('n')) else 0:3d} "
                      f"{g('dice_mean'):7.4f}+-{g('dice_std'):6.4f} {g('hd95_mean'):7.2f}+-{g('hd95_std'):6.2f} "
-                     f"{g('asd_mean'):7.2f}+-{g('asd_std'):6.2f}")
+                     f"{g('asd_mean'):7.2f}+-{g('asd_std'):6.2f} "
+                     f"{int(g('n_missed')) if math.isfinite(g('n_missed')) else 0:6d} {g('hd95_penalised_mean'):9.2f}")
+    lines.append("HD95/ASD: cases with both masks non-empty (a missed case is left out: see 'missed'); "
+                 "HD95 pen.: a missed case counts as the diagonal of its image (mm)")
     lines.append(f"mean unseen Dice {m.get('mean_unseen_dice', math.nan):.4f}, worst site {best.get('worst_site')} "
                  f"{m.get('worst_site_dice', math.nan):.4f}, std across sites {m.get('std_across_sites', math.nan):.4f}, "
                  f"stability (std of per-case Dice) {m.get('stability', math.nan):.4f}")

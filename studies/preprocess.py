@@ -273,3 +273,20 @@ if __name__ == "__main__":
     if __package__ in (None, ""):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
+
+
+def add_fingerprint_section(markdown: Path, data_pass: Any) -> None:
+    """The data pass's fingerprint figure and site differences appended to the report (phantom: a fixture)."""
+    import shutil
+
+    folder = Path(data_pass.fingerprint_dir or "")
+    if not (folder / "fingerprint.png").is_file():
+        return
+    shutil.copy(folder / "fingerprint.png", markdown.parent / "fingerprint.png")
+    lines = ["", "## Dataset fingerprint", "", "![per-site fingerprint](fingerprint.png)", ""]
+    lines += [f"- {site}: {'; '.join(notes) or 'no difference above the tolerances'}"
+              for site, notes in data_pass.differences.items()]
+    if data_pass.plan:
+        lines += ["", "Planned with `--plan auto`:", *[f"- {r}" for r in data_pass.plan["reasons"]]]
+    with markdown.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")

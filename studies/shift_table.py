@@ -3,7 +3,9 @@
 ``cases.csv`` is what ``dualssl.stats`` and ``dualssl.report`` read: each finished cell's evaluation
 files (``per_case.csv``: source validation + the unseen sites' report part; ``oracle_per_case.csv``:
 their selection part) with the cell's arm, seed and source site, the case's role (``source`` /
-``unseen``), its part, and the severity-sweep axis and value of sweep sites.
+``unseen``), its part, and the severity-sweep axis and value of sweep sites. ``hd95``/``asd`` are NaN
+for a missed case (``missed`` = 1: empty prediction, non-empty label); ``hd95_penalised`` /
+``asd_penalised`` count it as the case's worst distance (``dualssl.evaluation.metrics.penalised_distances``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,21 @@ from pathlib import Path
 from typing import Any
 
 CASE_COLUMNS = ("arm", "seed", "source_site", "site", "case_id", "role", "part", "axis", "severity",
-                "dice", "jaccard", "nsd", "hd95", "asd", "pred_ml", "label_ml", "cell", "trial_id")
+                "dice", "jaccard", "nsd", "hd95", "asd", "missed", "hd95_penalised", "asd_penalised", "pred_ml",
+                "label_ml", "cell", "trial_id")
+DISTANCE_COLUMNS = ("hd95", "asd", "hd95_penalised", "asd_penalised")
+
+
+def _error_line(error: BaseException | None, limit: int = 500) -> str:
+    """The last line of a trial's error (the exception that ended it), '' when it has none."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:limit]
+
+
+def _flag(text: object) -> bool:
+    return str(text).strip().lower() in ("true", "1", "yes")
 
 
 def case_rows(folder: Path, cell: dict[str, Any], trial_id: str, sweeps: dict[str, dict[str, Any]],
@@ -34,7 +50,8 @@ def case_rows(folder: Path, cell: dict[str, Any], trial_id: str, sweeps: dict[st
                     "arm": cell["study.arm"], "seed": cell["optim.seed"], "source_site": sources[0], "site": site,
                     "case_id": r["case_id"], "role": role, "part": part or ("source" if role == "source" else "report"),
                     "axis": sweep.get("axis", ""), "severity": sweep.get("value", ""),
-                    **{k: r.get(k, "") for k in ("dice", "jaccard", "nsd", "hd95", "asd", "pred_ml", "label_ml")},
+                    **{k: r.get(k, "") for k in ("dice", "jaccard", "nsd", *DISTANCE_COLUMNS, "pred_ml", "label_ml")},
+                    "missed": int(_flag(r.get("empty_pred")) and not _flag(r.get("empty_label"))),
                     "cell": cell["study.cell"], "trial_id": trial_id})
     return rows
 
@@ -55,7 +72,8 @@ def collect(grid, study_dir: Path, sweeps: dict[str, dict[str, Any]]) -> tuple[l
                "status": "completed" if metrics.get(FINAL_KEY) else ("error" if result.error else "incomplete"),
                "best_val_dice": metrics.get(f"best_{cfg.eval.selection_metric}", math.nan),
                "mean_unseen_dice": metrics.get("mean_unseen_dice", math.nan),
-               "best_epoch": metrics.get("best_epoch", -1)}
+               "best_epoch": metrics.get("best_epoch", -1),
+               "error": _error_line(result.error)}
         cells.append(row)
         if row["status"] != "completed" or result.checkpoint is None:
             continue

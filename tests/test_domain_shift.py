@@ -62,6 +62,53 @@ def test_arms_file_adds_an_arm_and_from_study_needs_dual(tmp_path, phantom_root)
                       "--storage-path", str(tmp_path)))
 
 
+def _tune_study(folder: Path, selection: str) -> Path:
+    """A finished tune.py study folder as tune.py writes it (study.json via finish.write_manifest,
+    trials.json/trials.csv via finish.write_table), holding two trials."""
+    from studies.finish import write_manifest, write_table
+
+    folder.mkdir(parents=True)
+    rows = [{"trial_id": "a0001", "status": "completed", "objective": 0.41, "config_hash": "x",
+             "params": {"loss.lambda_con": 0.3, "loss.lambda_rec": 0.05, "loss.tau": 0.2},
+             "metrics": {"best_val_dice": 0.41}},
+            {"trial_id": "a0002", "status": "completed", "objective": 0.30, "config_hash": "y",
+             "params": {"loss.lambda_con": 0.01, "loss.lambda_rec": 0.5, "loss.tau": 0.1},
+             "metrics": {"best_val_dice": 0.30}}]
+    write_table(folder, rows)
+    write_manifest(folder, {"experiment": folder.name, "study_dir": str(folder), "selection": selection,
+                            "selection_metric": "val_dice", "searched": ["loss.lambda_con", "loss.lambda_rec",
+                                                                         "loss.tau"], "best_trial_id": "a0001"})
+    return folder
+
+
+def test_from_study_refuses_an_oracle_selected_study(tmp_path, phantom_root):
+    oracle = _tune_study(tmp_path / "oracle-study", "oracle")
+    with pytest.raises(StudyError) as info:
+        prepare(_args("--data", str(phantom_root), "--from-study", str(oracle), "--storage-path", str(tmp_path)))
+    message = str(info.value)
+    assert f"--from-study {oracle}" in message and "oracle-selected" in message
+    assert "--selection source-val" in message  # the fix
+
+
+def test_report_rows_say_where_each_arm_came_from_and_what_it_changes(tmp_path, phantom_root):
+    fair = _tune_study(tmp_path / "fair-study", "source-val")
+    arms = tmp_path / "arms.yaml"
+    arms.write_text("heavy_con:\n  loss.lambda_con: 1.0\n  loss.lambda_rec: 0.0\n")
+    plan = prepare(_args("--data", str(phantom_root), "--arms", "plain,dual,heavy_con", "--arms-file", str(arms),
+                         "--from-study", str(fair), "--storage-path", str(tmp_path)))
+    assert {k: plan.arms["dual"][k] for k in ("loss.lambda_con", "loss.lambda_rec", "loss.tau")} == {
+        "loss.lambda_con": 0.3, "loss.lambda_rec": 0.05, "loss.tau": 0.2}
+    rows = {r["arm"]: r for r in plan.arm_rows}
+    assert rows["plain"]["settings_from"].startswith("default recipe")
+    assert rows["plain"]["differences"] == "none (the reference)"
+    assert f"--from-study {fair} (trial a0001" in rows["dual"]["settings_from"]
+    assert rows["heavy_con"]["settings_from"] == f"--arms-file {arms}"
+    # resolved on the study's base config: plain switches both SSL branches off, so these differ
+    assert "loss.lambda_con: 0.0 -> 0.3" in rows["dual"]["differences"]
+    assert "loss.tau: " in rows["dual"]["differences"]
+    assert rows["heavy_con"]["differences"] == "loss.lambda_con: 0.0 -> 1.0"
+
+
 def test_leave_one_site_out_trains_on_every_site(tmp_path, phantom_root):
     plan = prepare(_args("--data", str(phantom_root), "--leave-one-site-out", "--seeds", "1",
                          "--storage-path", str(tmp_path)))
@@ -69,20 +116,42 @@ def test_leave_one_site_out_trains_on_every_site(tmp_path, phantom_root):
     assert len(plan.cells) == 2 * 3  # 2 arms x 1 seed x 3 sources
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_smoke_study_gives_one_run_per_cell_and_a_report(phantom_root, tmp_path):
-    import mlflow
+MAX_LINES = 250
+"""What the smoke study may print without --verbose (issue 25: it printed 2,117 lines at default size)."""
+BROKEN_ARM = "broken:\n  loss.lambda_con: 0.0\n  loss.lambda_rec: 0.0\n  data.cache_dir: /dev/null/cache\n"
+"""An arm whose config validates on the driver but whose training raises inside the trial: its cache
+folder cannot be made under /dev/null (NotADirectoryError in the workers' data set-up)."""
 
+
+@pytest.fixture(scope="module")
+def smoke_study(phantom_root, tmp_path_factory):
+    """One smoke study shared by the end-to-end checks: plain and dual x 2 seeds finish; the
+    ``broken`` arm's 2 cells fail inside their trials. (completed process, study folder)."""
+    tmp_path = tmp_path_factory.mktemp("smoke-study")
+    arms = tmp_path / "arms.yaml"
+    arms.write_text(BROKEN_ARM)
     storage = tmp_path / "studies"
-    done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
+    log = tmp_path / "terminal.txt"  # kept for a look when the run times out
+    done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test", "--epochs", "1",
                            "--data", str(phantom_root), "--storage-path", str(storage),
+                           "--arms", "plain,dual,broken", "--arms-file", str(arms),
                            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--n-boot", "500",
+                           # no worker-group restarts: the broken cells fail at once (Tune still retries once)
+                           "--max-failures", "0",
                            # two cells at a time, one worker each: their start-ups overlap on 2 cores
                            "--max-concurrent-trials", "2", "--workers-per-trial", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=880)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    study = storage / "dualssl-domain-shift-smoke"
+                          cwd=REPO, capture_output=True, text=True, timeout=1500)
+    log.write_text(done.stdout + done.stderr)
+    return done, storage / "dualssl-domain-shift-smoke"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_smoke_study_gives_one_run_per_cell_and_a_report(smoke_study):
+    import mlflow
+
+    done, study = smoke_study
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # 2 cells failed: non-zero
     manifest = json.loads((study / "study.json").read_text())
     assert manifest["cells_done"] == 4
 
@@ -92,18 +161,22 @@ def test_smoke_study_gives_one_run_per_cell_and_a_report(phantom_root, tmp_path)
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in children) == [
-        ("dual", "0"), ("dual", "1"), ("plain", "0"), ("plain", "1")]
+        ("broken", "0"), ("broken", "1"), ("dual", "0"), ("dual", "1"), ("plain", "0"), ("plain", "1")]
     assert all(r.data.tags["source_site"] == "pv_standard" for r in children)
     for run in children:
+        if run.data.tags["arm"] == "broken":
+            continue
         for site in ("cone_beam", "native_thick"):
             assert f"site/{site}/dice_mean" in run.data.metrics
+            # distances come with the misses beside them, and a variant that penalises them
+            assert {f"site/{site}/n_missed", f"site/{site}/hd95_penalised_mean"} <= set(run.data.metrics)
     assert float(children[0].data.params["loss.lambda_con"]) in (0.0, 0.1)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/report.md"} <= logged
     # the sqlite default keeps the artifacts in the study folder, not in the driver's ./mlruns
     assert parent.info.artifact_uri.startswith((study / "mlartifacts").as_uri()), parent.info.artifact_uri
 
-    # The case table: every cell scored every case of the unseen sites and its source validation.
+    # The case table: every finished cell scored every case of the unseen sites and its source validation.
     with open(study / "cases.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     cells = {r["cell"] for r in rows}
@@ -112,5 +185,57 @@ def test_smoke_study_gives_one_run_per_cell_and_a_report(phantom_root, tmp_path)
                        for c in cells}
     expected = sorted(f"{site}_{i:03d}" for site in ("cone_beam", "native_thick") for i in range(5))
     assert all(ids == expected for ids in unseen_per_cell.values()), unseen_per_cell
+    assert all(float(r["hd95_penalised"]) >= 0 and r["missed"] in ("0", "1") for r in rows)
     html = (study / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "dual" in html and "plain" in html
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_a_failed_cell_is_named_in_the_report_and_on_the_mlflow_parent(smoke_study):
+    import mlflow
+
+    done, study = smoke_study
+    failed = ["broken-s0-pv_standard", "broken-s1-pv_standard"]
+    text = (study / "report" / "report.md").read_text()
+    assert "## Cells that did not finish (2 of 6)" in text
+    assert all(cell in text for cell in failed) and "NotADirectoryError" in text
+    assert "## Arms" in text and "data.cache_dir" in text  # broken's resolved difference from plain
+    manifest = json.loads((study / "study.json").read_text())
+    parent = mlflow.MlflowClient(manifest["tracking_uri"]).get_run(manifest["parent_run_id"])
+    assert parent.data.tags["cells_failed"] == "2 of 6"
+    assert sorted(parent.data.tags["failed_cells"].split(", ")) == failed
+    assert all(f"{cell} FAILED" in done.stdout for cell in failed)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_the_smoke_study_prints_a_short_readable_terminal(smoke_study):
+    done, study = smoke_study
+    printed = done.stdout + done.stderr
+    lines = printed.count("\n")
+    assert lines <= MAX_LINES, f"{lines} lines:\n{printed[-5000:]}"
+    assert "╭" not in printed and "Trial trial_" not in printed  # Ray's boxes only under --verbose
+    assert "cell  " in printed and "val Dice" in printed  # the progress table
+    finished = [line for line in done.stdout.splitlines() if " finished (" in line and "[domain-shift] cell" in line]
+    assert len(finished) == 4
+    assert "HD95 pen. mm" in done.stdout and "n_missed" in done.stdout  # the headline, distances with misses
+    assert str(study / "report" / "report.html") in done.stdout
+
+
+def test_terminal_headline_puts_n_missed_beside_hd95(tmp_path):
+    """The headline the study prints, from a real report of a hand-built table (tests/test_report_failed_cells)."""
+    from dualssl.report import write_report
+    from studies.shift_console import report_headline
+    from test_report_failed_cells import _rows
+
+    rows = _rows()
+    paths = {k: str(v) for k, v in write_report(rows, tmp_path, "t", n_boot=100).items()}
+    lines = report_headline(paths, rows, phantom=True)
+    assert "test fixture, not evidence about real hospitals" in lines[0]
+    assert "HD95 pen. mm" in lines[1] and "n_missed" in lines[1]
+    by_arm = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(by_arm) == {"plain", "dual", "gin"}
+    assert by_arm["dual"][-1] == "6" and by_arm["plain"][-1] == "0"  # dual missed 6 cases
+    assert by_arm["dual"][-2] == "3.00"  # its HD95 on the cases it found
+    assert by_arm["plain"][5] == "-"  # no difference of the reference with itself

@@ -11,9 +11,17 @@ MONAI's ``compute_surface_dice``), HD95 and symmetric ASD in mm, all spacing-awa
 * label empty, prediction not (a *spurious* case): Dice 0, Jaccard 0, NSD 0, HD95 = ASD = NaN, counted
   in ``n_spurious``.
 
+Distances that do not reward misses (``penalised_distances``): ``hd95_penalised`` and
+``asd_penalised`` equal HD95 and ASD where both masks are non-empty (0 where both are empty), and the
+documented worst value ``missed_distance_mm`` (the diagonal of the case's image extent in mm: no two
+points of the scan are further apart) for a missed or spurious case. A mean of the plain HD95 skips
+the misses, so an arm that misses the hard cases looks better; rank arms on the penalised variant and
+read the plain mean next to ``n_missed``.
+
 Per site (``summarise``): ``dice_mean, dice_median, dice_std, dice_min, failure_rate`` (fraction of
 cases with Dice < ``FAILURE_DICE`` = 0.5), ``jaccard_mean/std, nsd_mean/std``, ``hd95_mean/std`` and
-``asd_mean/std`` over the cases where both masks are non-empty, ``n_missed``, ``n_spurious``.
+``asd_mean/std`` over the cases where both masks are non-empty, ``hd95_penalised_mean/std`` and
+``asd_penalised_mean/std`` over every case (NaN when the rows lack them), ``n_missed``, ``n_spurious``.
 Every std is a SAMPLE standard deviation (``ddof=1``), NaN when fewer than two values exist (a site
 with one case has ``dice_std`` NaN, written as null in JSON).
 """
@@ -31,13 +39,17 @@ from scipy import ndimage
 
 METRICS: tuple[str, ...] = ("dice", "jaccard", "nsd", "hd95", "asd")
 """Per-case metric names: the columns of ``per_case.csv`` and the stems of the per-site ``<name>_mean``."""
+PENALISED: dict[str, str] = {"hd95_penalised": "hd95", "asd_penalised": "asd"}
+"""Penalised distance -> the distance it stands for; a missed or spurious case scores
+``missed_distance_mm`` instead of NaN (``penalised_distances``)."""
 NSD_TOLERANCE_MM = 2.0
 """Tolerance of the normalised surface Dice, in mm."""
 FAILURE_DICE = 0.5
 """A case with Dice below this is a failure (``failure_rate``), as in Touchstone."""
 SITE_KEYS: tuple[str, ...] = (
     "n", "dice_mean", "dice_median", "dice_std", "dice_min", "failure_rate", "jaccard_mean", "jaccard_std",
-    "nsd_mean", "nsd_std", "hd95_mean", "hd95_std", "asd_mean", "asd_std", "n_missed", "n_spurious")
+    "nsd_mean", "nsd_std", "hd95_mean", "hd95_std", "asd_mean", "asd_std", "hd95_penalised_mean",
+    "hd95_penalised_std", "asd_penalised_mean", "asd_penalised_std", "n_missed", "n_spurious")
 """Numeric per-site statistics of ``summarise`` (besides ``source`` and ``dice_min_case``)."""
 ACROSS_KEYS: tuple[str, ...] = ("mean_unseen_dice", "worst_site_dice", "std_across_sites", "stability",
                                 "failure_rate")
@@ -135,6 +147,35 @@ def case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
     return {k: out[k] for k in METRICS}
 
 
+def missed_distance_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """The worst distance a case can have: the diagonal of its image extent, ``|shape * spacing|`` in mm.
+
+    Args:
+        shape: the label's grid ``(X, Y, Z)`` in voxels (a leading channel of 1 is ignored).
+        spacing: voxel size in mm along ``(X, Y, Z)``.
+    """
+    dims = [int(n) for n in shape][-3:]
+    if len(dims) != 3 or len(spacing) != 3:
+        raise ValueError(f"missed_distance_mm: expected a 3D shape and spacing, got {tuple(shape)}, {tuple(spacing)}")
+    return float(np.sqrt(sum((n * float(s)) ** 2 for n, s in zip(dims, spacing))))
+
+
+def penalised_distances(metrics: Mapping[str, float], shape: Sequence[int],
+                        spacing: Sequence[float]) -> dict[str, float]:
+    """``hd95_penalised`` and ``asd_penalised`` of one case from its ``case_metrics``.
+
+    A finite distance is kept; a NaN one (prediction or label empty, not both) becomes
+    ``missed_distance_mm(shape, spacing)``, so a miss counts as the worst possible distance instead of
+    leaving the mean. ``shape`` is the label's grid ``(X, Y, Z)``, ``spacing`` its voxel size in mm.
+    """
+    worst = missed_distance_mm(shape, spacing)
+    out = {}
+    for name, base in PENALISED.items():
+        value = float(metrics[base])
+        out[name] = value if math.isfinite(value) else worst
+    return out
+
+
 def probability_metrics(prob: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> dict[str, float]:
     """Graded agreement of a foreground probability map with a label, for when hard masks all score
     Dice 0 and cannot rank models (e.g. a phantom-trained net on a real scan).
@@ -223,9 +264,9 @@ def _site_summary(rows: list[Mapping[str, Any]], is_source: bool) -> dict[str, A
         "dice_min_case": str(rows[worst].get("case_id", worst)),
         "failure_rate": float((dice < FAILURE_DICE).mean()),
     }
-    for name in METRICS[1:]:
-        out[f"{name}_mean"] = _mean(r[name] for r in rows)
-        out[f"{name}_std"] = sample_std(r[name] for r in rows)
+    for name in (*METRICS[1:], *PENALISED):
+        out[f"{name}_mean"] = _mean(r.get(name) for r in rows)
+        out[f"{name}_std"] = sample_std(r.get(name) for r in rows)
     out["n_missed"] = sum(_flag(r["empty_pred"]) and not _flag(r["empty_label"]) for r in rows)
     out["n_spurious"] = sum(_flag(r["empty_label"]) and not _flag(r["empty_pred"]) for r in rows)
     return out

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dualssl.config import Config
 from dualssl.evaluation.inference import Predictor
-from dualssl.evaluation.metrics import FAILURE_DICE, NSD_TOLERANCE_MM, case_metrics, summarise
+from dualssl.evaluation.metrics import FAILURE_DICE, NSD_TOLERANCE_MM, case_metrics, penalised_distances, summarise
 from dualssl.evaluation.report import write_per_case_csv, write_summary_json
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -93,7 +93,9 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
         if save_predictions:
             (out_dir / "predictions").mkdir(exist_ok=True)
             nib.save(pred_img, out_dir / "predictions" / f"{case.case_id}.nii.gz")
-        rows.append({"case_id": case.case_id, "site": case.site, **case_metrics(pred, label, spacing),
+        scores = case_metrics(pred, label, spacing)
+        rows.append({"case_id": case.case_id, "site": case.site, **scores,
+                     **penalised_distances(scores, label.shape, spacing),
                      "role": "source" if case.site in sources else "unseen",
                      "pred_ml": float(pred.sum()) * voxel_ml, "label_ml": float(label.sum()) * voxel_ml,
                      "empty_pred": not pred.any(), "empty_label": not label.any(),
@@ -104,7 +106,8 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
     summary["settings"] = {
         "metrics_geometry": "original input grid and label spacing",
         "empty_mask_policy": "both empty: dice 1, nsd 1, hd95/asd 0; one empty: dice 0, nsd 0, hd95/asd NaN "
-                             "(left out of hd95/asd means; counted in n_missed or n_spurious)",
+                             "(left out of hd95/asd means; counted in n_missed or n_spurious); hd95_penalised/asd_penalised "
+                             "count such a case as the diagonal of its image extent in mm",
         "std": "sample (ddof=1); NaN (null) with fewer than two values",
         "nsd_tolerance_mm": NSD_TOLERANCE_MM, "failure_dice": FAILURE_DICE,
         "tta_flips": cfg.eval.tta_flips, "tta_combinations": 8 if cfg.eval.tta_flips else 1,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dualssl.report import figures, html, markdown
-from dualssl.report.stats_text import interval_notes, methods_note, seed_advice, unmatched_note
+from dualssl.report import figures, html, markdown, study_sections
 from dualssl.report.document import Document, Section, Table, facts_from_meta
+from dualssl.report.stats_text import interval_notes, methods_note, seed_advice, unmatched_note
 from dualssl.stats.bootstrap import DEFAULT_N_BOOT
 from dualssl.stats.cases import as_rows, is_sweep, ordered, unseen_rows
 from dualssl.stats.paired import paired_differences
@@ -62,7 +62,9 @@ def _paired_table(per_site: list[dict], reference: str) -> Table:
 
 def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: str,
                  meta: Mapping[str, Any] | None = None, *, reference: str = "plain", metric: str = "dice",
-                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed") -> dict[str, Path]:
+                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed",
+                 arms_info: Sequence[Mapping[str, str]] = (), failed_cells: Sequence[Mapping[str, Any]] = (),
+                 total_cells: int | None = None) -> dict[str, Path]:
     """Write the study report into ``out_dir`` and return its files by name.
 
     Always: ``markdown`` (report.md), ``html`` (report.html, self-contained), ``summary_png``,
@@ -80,6 +82,9 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
 
     Paired comparisons use complete pairs only: rows whose partner arm has no row (a failed cell) are
     left out and counted in the text and in ``n_unmatched``.
+        arms_info: ``studies.shift_arms.describe_arms`` rows (arm, settings_from, differences): an "Arms" section.
+        failed_cells: cells that did not finish (cell, arm, seed, source_site, status, error), named in
+            their own section; out of ``total_cells``.
     """
     rows = as_rows(rows)
     out = Path(out_dir)
@@ -108,6 +113,8 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         paths["paired_csv"] = write_csv(paired_pool + paired_site, out / "paired_differences.csv")
 
     doc = Document(title, facts_from_meta(meta or {}))
+    if failed_cells:
+        doc.sections.append(study_sections.failed_section(failed_cells, total_cells or len(failed_cells)))
     doc.sections.append(Section(
         "Unseen sites, pooled (headline)",
         f"Each arm over every unseen-site case of every source site and seed. CIs, df and p: crossed "
@@ -132,6 +139,11 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
             _paired_table(paired_site, reference), paths["forest_png"],
             f"Arm − {reference}, mean of paired differences with 95% CI; the line marks no difference."))
 
+    distances = study_sections.distance_section(unseen, arms, n_boot=n_boot, seed=seed)
+    if distances is not None:
+        doc.sections.append(distances)
+    if arms_info:
+        doc.sections.append(study_sections.arms_section(arms_info, reference))
     doc.sections.append(Section("Per arm, source site and test site",
                                 "Source-site rows are that site's own validation cases.",
                                 _site_table(site_stats, metric)))
