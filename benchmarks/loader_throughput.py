@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--augment-cost", default="", metavar="RECIPES",
                         help="comma list of recipes: time epochs with data.augment on vs off instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.augment_cost:
         return print_augment_cost(args.augment_cost.split(","), args)
 
