@@ -115,10 +115,11 @@ def test_source_sites_must_split_into_train_and_validation(tmp_path):
 
 # --- a patient in two places ---------------------------------------------------------------------
 def _list_again(root, source: int, name: str, site: str, dtype=None):
-    """Write case ``source``'s image (re-saved, as ``dtype`` if given) and label under ``name`` and list it at ``site``."""
+    """Write case ``source``'s image (re-saved, as ``dtype`` if given) and label under ``name``, listed at ``site``."""
     img = nib.load(root / "imagesTr" / f"pancreas_{source:03d}.nii.gz")
     data = np.asanyarray(img.dataobj)
-    nib.save(nib.Nifti1Image(data.astype(dtype) if dtype else data, img.affine), str(root / "imagesTr" / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(data.astype(dtype) if dtype else data, img.affine),
+             str(root / "imagesTr" / f"{name}.nii.gz"))
     lab = nib.load(root / "labelsTr" / f"pancreas_{source:03d}.nii.gz")
     nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj), lab.affine), str(root / "labelsTr" / f"{name}.nii.gz"))
     tree = json.loads((root / "dataset.json").read_text())

@@ -15,8 +15,9 @@ prediction back to the input file's voxel grid.
 Random part (:func:`train_transforms`): pad to ``patch_size``, ``samples_per_volume`` patches
 sampled around the pancreas (``pos_fraction``) or in the body, then (if ``cfg.augment``) nnU-Net's
 default augmentation (:func:`standard_augmentation`: rotation, scaling, noise, blur, brightness,
-contrast, low resolution, gamma, mirroring), then the domain-generalisation augmentation ``cfg.domain_aug`` (:mod:`dualssl.data.augment`). Patches are
-plain tensors: ``image`` ``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)`` float32 in {0, 1}.
+contrast, low resolution, gamma, mirroring), then the domain-generalisation augmentation
+``cfg.domain_aug`` (:mod:`dualssl.data.augment`). Patches are plain tensors: ``image``
+``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)`` float32 in {0, 1}.
 """
 
 from __future__ import annotations
