@@ -30,10 +30,10 @@ their ratio on / off are printed per recipe (and the warm loader alone, for the 
     python benchmarks/loader_throughput.py --datasets phantom --workers 0,2 --rounds 5
     python benchmarks/loader_throughput.py --augment-cost smoke,demo,learning --rounds 4 --steps 8 --threads 1
 
-Measured 7 December on the shared 2-core machine under load 20-43 (wall times are mostly waiting
-there; CPU seconds of this process are the steadier figure), 5 phantom cases at scale 0.5, 8 batches
-an epoch, 4 rounds: CPU seconds an epoch off -> on, smoke 1.76 -> 1.93 (x1.10), demo 4.87 -> 5.01
-(x1.03), learning 8.93 -> 9.36 (x1.05); wall x1.20, x1.08, x1.02.
+Measured 7 December on the 2-core machine, 5 phantom cases at scale 0.5, 8 batches an epoch, 4 rounds.
+Quiet (load 0.9), wall seconds an epoch off -> on: smoke 1.40 -> 1.48 (x1.06), demo 3.85 -> 3.98
+(x1.03), learning 5.82 -> 6.10 (x1.05); the warm loader alone 0.31 -> 0.39, 0.32 -> 0.43, 0.49 -> 0.66 s
+(about 5-7 ms a patch). Under load 20-43 from other jobs, CPU seconds x1.10, x1.03, x1.05.
 """
 
 from __future__ import annotations
