@@ -20,8 +20,20 @@ step time - 1 (the share of the loop spent waiting for data, or slowed by worker
 The NIH list names the one scan twice (``nih_0001`` trains, ``nih_0001_v`` validates: a split needs
 a validation case); both rows point at the same files and so share one cache entry.
 
+``--augment-cost smoke,demo,learning`` instead prices the standard augmentation
+(``data.augment``, nnU-Net's default: ``dualssl.data.transforms.standard_augmentation``) on each CPU
+recipe: two trainers on the same warm cache, one with ``data.augment=true`` and one with ``false``,
+run whole training epochs (loader + step, ``Trainer.train_epoch``) in ABBA order; the medians and
+their ratio on / off are printed per recipe (and the warm loader alone, for the augmentation's own cost).
+
     python benchmarks/loader_throughput.py                       # phantom + NIH, workers 0,1,2
     python benchmarks/loader_throughput.py --datasets phantom --workers 0,2 --rounds 5
+    python benchmarks/loader_throughput.py --augment-cost smoke,demo,learning --rounds 4 --steps 8 --threads 1
+
+Measured 7 December on the 2-core machine, 5 phantom cases at scale 0.5, 8 batches an epoch, 4 rounds.
+Quiet (load 0.9), wall seconds an epoch off -> on: smoke 1.40 -> 1.48 (x1.06), demo 3.85 -> 3.98
+(x1.03), learning 5.82 -> 6.10 (x1.05); the warm loader alone 0.31 -> 0.39, 0.32 -> 0.43, 0.49 -> 0.66 s
+(about 5-7 ms a patch). Under load 20-43 from other jobs, CPU seconds x1.10, x1.03, x1.05.
 """
 
 from __future__ import annotations
@@ -122,6 +134,69 @@ def measure(cfg: Config, rounds: int) -> dict[str, float]:
             "loop": statistics.median(loop_s)}
 
 
+def augment_cost(recipe: str, root: Path, sites: list[str], cache: Path, steps: int, rounds: int,
+                 overrides: dict[str, str]) -> dict[str, float]:
+    """Seconds per epoch of ``recipe`` with the standard augmentation on and off, interleaved (ABBA).
+
+    Both trainers read the same warm cache and run the same number of batches; returns the medians
+    ``loop_on``, ``loop_off``, ``loader_on``, ``loader_off`` (wall seconds per epoch), ``cpu_on``,
+    ``cpu_off`` (this process's CPU seconds per epoch: steadier than wall time on a shared machine;
+    ``data.num_workers`` 0, the CPU recipes' value, keeps the loader in this process) and ``patches``.
+    """
+    trainers = {}
+    for on in (True, False):
+        cfg = recipe_config(recipe)
+        cfg.with_overrides({"data.root": str(root), "data.source_sites": sites, "data.cache_dir": str(cache),
+                            "optim.steps_per_epoch": steps, **overrides, "data.augment": on})
+        cfg.validate()
+        trainer = QuietTrainer(cfg, device="cpu")
+        trainer.setup()
+        trainer.train_epoch(0)  # fills the cache (first trainer), warms allocator and kernels
+        trainers[on] = trainer
+    loop: dict[bool, list[float]] = {True: [], False: []}
+    loader: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    patches = 0
+    for r in range(rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            t0 = time.perf_counter()
+            patches = sum(int(b["image"].shape[0]) for b in trainers[on].epoch_batches(r + 1))
+            loader[on].append(time.perf_counter() - t0)
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainers[on].train_epoch(r + 1)
+            loop[on].append(time.perf_counter() - t0)
+            cpu[on].append(time.process_time() - c0)
+    med = statistics.median
+    return {"patches": patches, "loop_on": med(loop[True]), "loop_off": med(loop[False]),
+            "cpu_on": med(cpu[True]), "cpu_off": med(cpu[False]),
+            "loader_on": med(loader[True]), "loader_off": med(loader[False])}
+
+
+def print_augment_cost(recipes: list[str], args: argparse.Namespace) -> int:
+    """``--augment-cost``: the standard augmentation's cost per CPU recipe, on the phantom."""
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dualssl-augment-") as tmp_name:
+        tmp = Path(tmp_name)
+        root, sites = phantom_root(tmp, args.phantom_cases, args.phantom_scale)
+        for recipe in recipes:
+            m = augment_cost(recipe, root, sites, tmp / f"cache-{recipe}", args.steps, args.rounds, overrides)
+            rows.append((recipe, m))
+            print(f"  {recipe}: epoch {m['loop_off']:.2f} s off, {m['loop_on']:.2f} s on", flush=True)
+    print(f"\nstandard augmentation on vs off, phantom ({args.phantom_cases} cases, scale {args.phantom_scale}), "
+          f"{args.steps} batches/epoch, {args.rounds} rounds ABBA; torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    header = f"{'recipe':9} {'patches':>7} {'epoch off s':>11} {'epoch on s':>10} {'on/off':>7} " \
+             f"{'cpu off s':>9} {'cpu on s':>8} {'on/off':>7} {'loader off s':>12} {'loader on s':>11}"
+    print(header)
+    print("-" * len(header))
+    for recipe, m in rows:
+        print(f"{recipe:9} {m['patches']:>7} {m['loop_off']:>11.2f} {m['loop_on']:>10.2f} "
+              f"{m['loop_on'] / m['loop_off']:>7.3f} {m['cpu_off']:>9.2f} {m['cpu_on']:>8.2f} "
+              f"{m['cpu_on'] / m['cpu_off']:>7.3f} {m['loader_off']:>12.2f} {m['loader_on']:>11.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="demo", help="dualssl.recipes name (default demo)")
@@ -133,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantom-cases", type=int, default=5)
     parser.add_argument("--phantom-scale", type=float, default=0.5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--augment-cost", default="", metavar="RECIPES",
+                        help="comma list of recipes: time epochs with data.augment on vs off instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.augment_cost:
+        return print_augment_cost(args.augment_cost.split(","), args)
 
     workers = [int(w) for w in args.workers.split(",")]
     rows = []

@@ -73,7 +73,8 @@ class DataConfig:
     a subfolder per preprocessing hash. Put it on shared storage on multi-node clusters."""
     num_workers: int = 0
     augment: bool = True
-    """Standard augmentation of the training patches (flips, rotation/scale, gamma, intensity, noise)."""
+    """Standard augmentation of the training patches: nnU-Net's default (rotation, scaling, noise, blur,
+    brightness, contrast, low resolution, gamma, mirroring; ``transforms.standard_augmentation``)."""
     domain_aug: DomainAug = "none"
     """Domain-generalisation augmentation applied after the standard one: 'none', 'bigaug', 'randconv'
     or 'gin' (``dualssl/data/augment/``)."""

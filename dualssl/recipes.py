@@ -5,11 +5,15 @@ on top of ``Config()`` defaults. Three kinds live here:
 
 * **scales**: ``smoke`` (a one-minute study), ``demo`` (the CPU demo: a narrow net that learns the
   phantom's pancreas in a few hundred steps) and ``learning`` (the learning test and the small
-  cross-site benchmark); the full-size network is ``cluster/full-size.yaml``.
-* **arms** of the domain-shift study, all under one protocol (same net, schedule, patches and
-  selection; only the loss weights or the augmentation differ): ``plain``, ``contrastive``,
-  ``restoration``, ``dual`` and the domain-generalisation baselines ``bigaug``, ``randconv`` and
-  ``gin`` (plain loss + that augmentation; see ``dualssl/data/augment/``).
+  cross-site benchmark); the full-size network is ``cluster/full-size.yaml``. Every scale trains
+  with the standard augmentation on (``data.augment``, nnU-Net's default:
+  :func:`dualssl.data.transforms.standard_augmentation`) and validates on at least 2 source cases
+  of the phantom it is run on.
+* **arms** of the domain-shift study, all under one protocol (same net, schedule, patches,
+  standard augmentation and selection; only the keys the arm names differ, :func:`arm_differences`):
+  ``plain``, ``contrastive``, ``restoration``, ``dual`` and the domain-generalisation baselines
+  ``bigaug``, ``randconv`` and ``gin`` (plain loss + that augmentation on top of the standard one;
+  see ``dualssl/data/augment/``).
 * user recipes: a YAML file ``{name: {dotted.key: value, ...}}`` read by :func:`load_recipes`.
 
     >>> cfg = apply_recipe(Config(), "demo", "dual")
@@ -35,8 +39,10 @@ TINY: Recipe = {
 
 SCALES: dict[str, Recipe] = {
     # 2 patches a step: on the CPU a batch of two trains faster than a batch of one (conv3d, see TINY)
-    "smoke": {**TINY, "data.samples_per_volume": 2, "optim.steps_per_epoch": 4, "optim.lr": 1e-3, "optim.epochs": 2},
-    "demo": {**TINY, "data.patch_size": (48, 48, 32), "data.samples_per_volume": 2, "data.augment": False,
+    # 2 of the smoke phantom's 4 cases a site validate (the std of val_stability needs 2)
+    "smoke": {**TINY, "data.samples_per_volume": 2, "optim.steps_per_epoch": 4, "optim.lr": 1e-3, "optim.epochs": 2,
+              "data.val_fraction": 0.5},
+    "demo": {**TINY, "data.patch_size": (48, 48, 32), "data.samples_per_volume": 2,
              # 300 steps: the fixed costs of a trial (worker start-up, cross-site evaluation) stay
              # a quarter of its time or less (benchmarks/study_throughput.py)
              "optim.lr": 3e-3, "optim.steps_per_epoch": 30, "optim.epochs": 10,
@@ -49,8 +55,9 @@ SCALES: dict[str, Recipe] = {
              # miss the pancreas, and whole volumes cost seconds here). ASHA always cuts on
              # eval.selection_metric at validated epochs (studies/tune.py).
              "eval.cheap_metric": "val_dice"},
+    # 2 of the test phantom's 5 cases a site validate
     "learning": {**TINY, "data.patch_size": (48, 48, 32), "data.batch_size": 2, "data.samples_per_volume": 2,
-                 "data.augment": False, "optim.lr": 3e-3, "optim.epochs": 20, "optim.steps_per_epoch": 10,
+                 "data.val_fraction": 0.4, "optim.lr": 3e-3, "optim.epochs": 20, "optim.steps_per_epoch": 10,
                  "eval.val_every": 5},
 }
 
@@ -74,6 +81,34 @@ PEER_ARMS: dict[str, Recipe] = {
 and budget (``optim.epochs x optim.steps_per_epoch`` iterations) as ``ARMS``."""
 
 RECIPES: dict[str, Recipe] = {**SCALES, **ARMS}
+
+
+def arm_differences(base: Config, arms: Mapping[str, Recipe], reference: str = "plain"
+                    ) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Each arm's resolved config against the reference arm's, both on top of ``base``.
+
+    Args:
+        base: the config every cell starts from (a scale recipe, a config file, ``--set``); not changed.
+        arms: ``{name: recipe}`` (e.g. :data:`ARMS` plus user arms); must hold ``reference``.
+        reference: the arm the others are compared with.
+
+    Returns:
+        ``{arm: {dotted key: (reference value, arm value)}}`` for every arm, in ``arms``' order, holding
+        only the keys whose resolved values differ (values as in :meth:`Config.flat`: tuples are lists);
+        the reference maps to ``{}``.
+    """
+    if reference not in arms:
+        raise ConfigError(f"arm_differences: reference arm {reference!r} is not among {', '.join(arms)}")
+
+    def resolved(recipe: Recipe) -> dict[str, Any]:
+        return Config.from_dict(base.to_dict()).with_overrides(dict(recipe)).flat()
+
+    ref = resolved(arms[reference])
+    out: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for name, recipe in arms.items():
+        flat = resolved(recipe)
+        out[name] = {k: (ref[k], v) for k, v in flat.items() if v != ref[k]}
+    return out
 
 
 def load_recipes(path: str | Path) -> dict[str, dict[str, Any]]:

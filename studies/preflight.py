@@ -182,6 +182,12 @@ def phantom_sites(args: argparse.Namespace) -> list[str]:
     return PHANTOM_SITES[:3] if args.smoke_test else PHANTOM_SITES
 
 
+def phantom_cases_per_site(args: argparse.Namespace) -> int:
+    """Cases a site of the study's own phantom (smoke 4, else 5); the recipes' ``data.val_fraction``
+    keeps 2 of them for validation (``val_stability`` is a std over them)."""
+    return 4 if args.smoke_test else 5
+
+
 @dataclass
 class StudyPlan:
     """What :func:`prepare` checked: paths, the config every trial starts from and the search."""

@@ -3,7 +3,8 @@
 ``cases.csv`` is what ``dualssl.stats`` and ``dualssl.report`` read: each finished cell's evaluation
 files (``per_case.csv``: source validation + the unseen sites' report part; ``oracle_per_case.csv``:
 their selection part) with the cell's arm, seed and source site, the case's role (``source`` /
-``unseen``), its part, and the severity-sweep axis and value of sweep sites. ``hd95``/``asd`` are NaN
+``unseen``), its part, and the severity-sweep axis and value of sweep sites; the base site's own
+rows are repeated as each sweep axis' severity 0 (``part`` = ``severity-0``). ``hd95``/``asd`` are NaN
 for a missed case (``missed`` = 1: empty prediction, non-empty label); ``hd95_penalised`` /
 ``asd_penalised`` count it as the case's worst distance (``dualssl.evaluation.metrics.penalised_distances``).
 """
@@ -14,6 +15,8 @@ import csv
 import math
 from pathlib import Path
 from typing import Any
+
+from dualssl.data.phantom.sweeps import severity_zero_rows
 
 CASE_COLUMNS = ("arm", "seed", "source_site", "site", "case_id", "role", "part", "axis", "severity",
                 "dice", "jaccard", "nsd", "hd95", "asd", "missed", "hd95_penalised", "asd_penalised", "pred_ml",
@@ -53,7 +56,7 @@ def case_rows(folder: Path, cell: dict[str, Any], trial_id: str, sweeps: dict[st
                     **{k: r.get(k, "") for k in ("dice", "jaccard", "nsd", *DISTANCE_COLUMNS, "pred_ml", "label_ml")},
                     "missed": int(_flag(r.get("empty_pred")) and not _flag(r.get("empty_label"))),
                     "cell": cell["study.cell"], "trial_id": trial_id})
-    return rows
+    return rows + severity_zero_rows(rows, sweeps)  # the base site's own cases: each curve's severity 0
 
 
 def collect(grid, study_dir: Path, sweeps: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

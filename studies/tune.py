@@ -45,8 +45,8 @@ if __package__ in (None, ""):  # `python studies/tune.py`: make `studies` import
 
 from dualssl.config import Config, ConfigError  # noqa: E402
 from studies.preflight import (DEFAULT_STORAGE, PHANTOM_SITES, StudyError, StudyPlan, base_config,  # noqa: E402,F401
-                               build_parser, console_defaults, is_uri, phantom_sites, prepare, resolve_paths, set_keys,
-                               stability_problem)
+                               build_parser, console_defaults, is_uri, phantom_cases_per_site, phantom_sites,
+                               prepare, resolve_paths, set_keys, stability_problem)
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.asha import ASHA_STATE  # noqa: E402,F401
 from studies.search_space import finished_trials, make_searcher, optuna_study_for  # noqa: E402
@@ -60,7 +60,7 @@ def ensure_data(args: argparse.Namespace, study_dir: Path) -> Path:
     root = study_dir / "phantom"
     if not (root / "dataset.json").is_file():
         print(f"[study] generating the phantom dataset in {root}", flush=True)
-        generate_dataset(root, sites=phantom_sites(args), cases_per_site=4 if args.smoke_test else 5,
+        generate_dataset(root, sites=phantom_sites(args), cases_per_site=phantom_cases_per_site(args),
                          seed=0, scale=0.3, progress=True)
     return root
 

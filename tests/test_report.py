@@ -155,3 +155,33 @@ def test_one_seed_gives_no_interval_and_says_why(tmp_path):
     assert "Intervals: one seed" in headline and "run >= 2 seeds" in headline
     assert "| plain | 12 | 1 | 0.521 [–, –] | – |" in headline
     assert "| 0.100 [–, –] | – | – | – | – | no |" in headline   # dual − plain: no CI, p or d_z
+
+
+def test_robustness_curve_marks_severity_zero_at_the_base_level(monkeypatch):
+    """Severity-0 rows (the base site's own cases, part ``severity-0``) become the curve's base point
+    and a dotted line at the base's level."""
+    from dualssl.data.phantom.sweeps import SEVERITY_ZERO_PART
+    from dualssl.report import figures
+    from dualssl.stats.cases import as_rows
+
+    rows = as_rows(table(sources=("a",), arms=(("plain", 0.0),)))
+    zero = [dict(r, axis="noise", severity=-1.0, part=SEVERITY_ZERO_PART) for r in rows
+            if r["site"] == "a" and r["axis"] is None]
+    drawn = {}
+    real = figures.robustness_figure
+
+    def spy(stats, arms, colours, metric="dice", base_levels=None):
+        fig = real(stats, arms, colours, metric, base_levels)
+        drawn.update(levels=base_levels, stats=stats, fig=fig)
+        return fig
+
+    monkeypatch.setattr(figures, "robustness_figure", spy)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        write_report(rows + zero, out, "severity 0", n_boot=50)
+    assert drawn["levels"] == {"noise": -1.0}
+    curve = sorted((r["severity"], round(r["mean"], 3)) for r in drawn["stats"])
+    assert curve[0] == (-1.0, round(sum(r["dice"] for r in zero) / len(zero), 3))
+    ax = drawn["fig"].axes[0]
+    assert any(list(line.get_xdata()) == [-1.0, -1.0] for line in ax.lines)  # the dotted base line

@@ -389,3 +389,29 @@ def test_test_site_images_do_not_change_the_source_val_objective(phantom_root, t
     assert all(torch.equal(clean["net"][k], perturbed["net"][k]) for k in clean["net"])
     assert clean["patch_dice"] == perturbed["patch_dice"] or (math.isnan(clean["patch_dice"])
                                                               and math.isnan(perturbed["patch_dice"]))
+
+
+def test_both_studies_refuse_a_scan_listed_at_two_sites_naming_both_files(phantom_root, tmp_path):
+    from studies import domain_shift
+
+    root = _copy(phantom_root, tmp_path / "dup")
+    tree = json.loads((root / "dataset.json").read_text())
+    source = next(e for e in tree["training"] if e["site"] == SOURCE)
+    original = (root / source["image"]).resolve()
+    copy = root / "imagesTr" / "cone_beam_777.nii.gz"  # the source patient again, renamed, at a test site
+    shutil.copy(original, copy)
+    shutil.copy((root / source["label"]).resolve(), root / "labelsTr" / "cone_beam_777.nii.gz")
+    tree["training"].append({"image": "./imagesTr/cone_beam_777.nii.gz", "label": "./labelsTr/cone_beam_777.nii.gz",
+                             "site": "cone_beam"})
+    (root / "dataset.json").write_text(json.dumps(tree))
+    storage = tmp_path / "studies"
+    with pytest.raises(ConfigError) as tune_err:
+        prepare(_args("--smoke-test", "--data", str(root), "--storage-path", str(storage)))
+    with pytest.raises(ConfigError) as shift_err:
+        domain_shift.prepare(domain_shift.build_parser().parse_args(
+            ["--smoke-test", "--data", str(root), "--storage-path", str(storage)]))
+    for err in (tune_err, shift_err):
+        text = str(err.value)
+        assert "nothing was started" in text and "identical voxel data" in text
+        assert str(copy.resolve()) in text and str(original) in text, text
+    assert not storage.exists()

@@ -111,3 +111,46 @@ def test_source_sites_must_split_into_train_and_validation(tmp_path):
     messages = [p.message for p in verify_dataset(root, source_sites=["c"], val_fraction=0.25) if p.fatal]
     assert any("unreadable NIfTI label" in m for m in messages)
     assert any("source site 'c' has 1 usable case(s)" in m for m in messages), messages
+
+
+# --- a patient in two places ---------------------------------------------------------------------
+def _list_again(root, source: int, name: str, site: str, dtype=None):
+    """Write case ``source``'s image (re-saved, as ``dtype`` if given) and label under ``name``, listed at ``site``."""
+    img = nib.load(root / "imagesTr" / f"pancreas_{source:03d}.nii.gz")
+    data = np.asanyarray(img.dataobj)
+    nib.save(nib.Nifti1Image(data.astype(dtype) if dtype else data, img.affine),
+             str(root / "imagesTr" / f"{name}.nii.gz"))
+    lab = nib.load(root / "labelsTr" / f"pancreas_{source:03d}.nii.gz")
+    nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj), lab.affine), str(root / "labelsTr" / f"{name}.nii.gz"))
+    tree = json.loads((root / "dataset.json").read_text())
+    tree["training"].append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz", "site": site})
+    (root / "dataset.json").write_text(json.dumps(tree))
+    return str(root / "imagesTr" / f"pancreas_{source:03d}.nii.gz"), str(root / "imagesTr" / f"{name}.nii.gz")
+
+
+def test_a_scan_listed_again_under_another_name_and_site_is_refused_naming_both_files(tmp_path):
+    root = write_msd(tmp_path / "msd", {"a": 3, "b": 2})
+    # the same voxels saved as float32 under another name, at another site: still the same scan
+    original, copy = _list_again(root, 0, "hospital_b_017", "b", dtype=np.float32)
+    found = verify_dataset(root, source_sites=["a"], val_fraction=0.34, workers=2)
+    [dup] = [p for p in found if "identical voxel data" in p.message]
+    assert dup.fatal and dup.path == copy and original in dup.message
+    assert "sites 'a' and 'b'" in dup.message and "remove one" in dup.message
+    # without source sites too (dualssl verify-dataset)
+    assert [p.fatal for p in verify_dataset(root) if "identical voxel data" in p.message] == [True]
+    # a different scan of the same shape is not a duplicate
+    assert not [p for p in verify_dataset(write_msd(tmp_path / "clean", {"a": 3, "b": 2}))]
+
+
+def test_a_scan_in_training_and_validation_of_the_source_site_is_refused(tmp_path):
+    root = write_msd(tmp_path / "msd", {"a": 1, "b": 2})
+    original, copy = _list_again(root, 0, "pancreas_900", "a")  # site a: 2 cases, so 1 trains and 1 validates
+    [dup] = [p for p in verify_dataset(root, source_sites=["a"], val_fraction=0.25) if "identical" in p.message]
+    assert dup.fatal and original in dup.message and dup.path == copy
+    assert "in training and validation of source site 'a'" in dup.message or \
+        "in validation and training of source site 'a'" in dup.message
+    # at a test site, two copies in one part count twice: a warning
+    root = write_msd(tmp_path / "msd2", {"a": 2, "b": 2})
+    _list_again(root, 2, "pancreas_901", "b")
+    [warn] = [p for p in verify_dataset(root, source_sites=["a"], val_fraction=0.5) if "identical" in p.message]
+    assert not warn.fatal and "counts twice" in warn.message

@@ -13,10 +13,11 @@ both ``MetaTensor`` carrying the applied operations, so :func:`invert_to_input` 
 prediction back to the input file's voxel grid.
 
 Random part (:func:`train_transforms`): pad to ``patch_size``, ``samples_per_volume`` patches
-sampled around the pancreas (``pos_fraction``) or in the body, then (if ``cfg.augment``) flips,
-rotation / scaling in one resampling, gamma, intensity scale/shift and Gaussian noise, then the
-domain-generalisation augmentation ``cfg.domain_aug`` (:mod:`dualssl.data.augment`). Patches are
-plain tensors: ``image`` ``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)`` float32 in {0, 1}.
+sampled around the pancreas (``pos_fraction``) or in the body, then (if ``cfg.augment``) nnU-Net's
+default augmentation (:func:`standard_augmentation`: rotation, scaling, noise, blur, brightness,
+contrast, low resolution, gamma, mirroring), then the domain-generalisation augmentation
+``cfg.domain_aug`` (:mod:`dualssl.data.augment`). Patches are plain tensors: ``image``
+``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)`` float32 in {0, 1}.
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
-    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotated,
     RandScaleIntensityd,
-    RandShiftIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
+    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -278,24 +282,47 @@ def train_transforms(cfg: DataConfig) -> Pipeline:
     patch = tuple(int(p) for p in cfg.patch_size)
     steps = patch_sampling(cfg)
     if cfg.augment:
-        steps += [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
-            # rotation +-15 deg and scale 0.8-1.2 in one resampling (METHOD.md); no elastic (CPU cost)
-            RandAffined(keys, prob=0.3, rotate_range=(math.radians(15),) * 3, scale_range=(0.2,) * 3,
-                        mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=patch,
-                        cache_grid=True),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
-            RandScaleIntensityd("image", factors=0.1, prob=0.3),
-            RandShiftIntensityd("image", offsets=0.05, prob=0.3),
-            RandGaussianNoised("image", prob=0.5, std=0.03),  # about 10 HU at the default window
-        ]
+        steps += standard_augmentation()
     domain = domain_augmentation(cfg.domain_aug)
     if domain is not None:
         steps.append(domain)
     steps += [BinarizeLabeld("label"), *_plain_tensors(keys)]
     return Pipeline(steps)
+
+
+def standard_augmentation() -> list[Any]:
+    """nnU-Net v2's default augmentation (``nnUNetTrainer.get_training_transforms``) in MONAI's random
+    dict transforms, with its probabilities: the baseline every arm of the domain-shift study trains with.
+
+    On ``image`` ``(1, X, Y, Z)`` float32 in [0, 1] (the HU window) and ``label`` ``(1, X, Y, Z)``, in
+    nnU-Net's order: rotation (p 0.2, +-30 deg about every axis) and isotropic scaling (p 0.2, 0.7-1.4),
+    Gaussian noise (p 0.1), Gaussian blur (p 0.2 x 0.5 per channel = 0.1 for one channel, sigma 0.5-1
+    voxel), multiplicative brightness (p 0.15, x0.75-1.25), contrast about the mean with the range kept
+    (p 0.15, x0.75-1.25), simulated low resolution (p 0.25 x 0.5 per channel, zoom 0.5-1), gamma on the
+    inverted image (p 0.1) and on the image (p 0.3), both 0.7-1.5 with mean and std retained, mirroring
+    (p 0.5 per axis). Differences from nnU-Net: the patch is cropped before the spatial transforms, so a
+    rotated or zoomed-out patch has zero (-100 HU) corners; rotation and scaling are two resamplings;
+    the noise's std is drawn from [0, 0.075] of the window (nnU-Net: variance 0-0.1 of z-scored
+    intensities, std up to 0.32 of a CT foreground std of about 80 HU, i.e. about 25 HU of our 340).
+    Labels are resampled nearest-neighbour.
+    """
+    keys = ["image", "label"]
+    rotation = math.radians(30.0)
+    return [
+        RandRotated(keys, range_x=rotation, range_y=rotation, range_z=rotation, prob=0.2, keep_size=True,
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandZoomd(keys, prob=0.2, min_zoom=0.7, max_zoom=1.4, mode=("trilinear", "nearest"),
+                  padding_mode="constant", keep_size=True),
+        RandGaussianNoised("image", prob=0.1, std=0.075, sample_std=True),
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.1),
+        RandScaleIntensityd("image", factors=(-0.25, 0.25), prob=0.15),
+        RandScaleIntensityFixedMeand("image", factors=(-0.25, 0.25), fixed_mean=True, preserve_range=True,
+                                     prob=0.15),
+        RandSimulateLowResolutiond("image", prob=0.125, zoom_range=(0.5, 1.0)),
+        RandAdjustContrastd("image", prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), invert_image=False, retain_stats=True),
+        *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)),
+    ]
 
 
 def patch_sampling(cfg: DataConfig) -> list[Any]:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dualssl.data.phantom.sweeps import SEVERITY_ZERO_PART
 from dualssl.report import figures, html, markdown, study_sections
 from dualssl.report.document import Document, Section, Table, facts_from_meta
 from dualssl.report.stats_text import interval_notes, methods_note, seed_advice, unmatched_note
@@ -160,10 +161,13 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
     if sweep_rows:
         sweep_stats = summarise(sweep_rows, by=(), **stat_kw)
         paths["sweep_csv"] = write_csv(sweep_stats, out / "sweep_stats.csv")
-        paths["robustness_png"] = figures.save_png(figures.robustness_figure(sweep_stats, arms, colours, metric),
-                                                   out / "robustness.png")
+        base_levels = {r["axis"]: r["severity"] for r in sweep_rows if r.get("part") == SEVERITY_ZERO_PART}
+        paths["robustness_png"] = figures.save_png(
+            figures.robustness_figure(sweep_stats, arms, colours, metric, base_levels), out / "robustness.png")
         doc.sections.append(Section("Robustness to shift severity", figure=paths["robustness_png"],
-                                    caption="Mean over sources, seeds and cases per severity; bands = 95% CI."))
+                                    caption="Mean over sources, seeds and cases per severity; bands = 95% CI. "
+                                            "Dotted line: severity 0, the base site's own cases (other patients "
+                                            "than the sweep's; its validation cases when it is the source)."))
     advice = seed_advice(paired_pool, pooled, reference) if method == "crossed" else ""
     if advice:
         doc.sections.append(Section("How many seeds", advice))

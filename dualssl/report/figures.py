@@ -188,8 +188,12 @@ def _outline(x: float, y: float):
 
 
 def robustness_figure(sweep_stats: Sequence[Mapping[str, Any]], arms: Sequence[str],
-                      colours: Mapping[str, str], metric: str = "dice") -> Figure:
-    """Mean vs severity per shift axis (one panel each), a line per arm with its 95% CI band."""
+                      colours: Mapping[str, str], metric: str = "dice",
+                      base_levels: Mapping[str, float] | None = None) -> Figure:
+    """Mean vs severity per shift axis (one panel each), a line per arm with its 95% CI band.
+
+    ``base_levels``: axis -> severity of the base site's own cases (severity 0,
+    ``dualssl.data.phantom.sweeps.severity_zero_rows``), marked by a dotted line."""
     axes_names = sorted({r["axis"] for r in sweep_stats})
     fig = _new_figure(min(3.6 * len(axes_names), 12) + 0.5, 3.4 * math.ceil(len(axes_names) / 3))
     axs = fig.subplots(math.ceil(len(axes_names) / 3), min(len(axes_names), 3), squeeze=False, sharey=True)
@@ -207,6 +211,10 @@ def robustness_figure(sweep_stats: Sequence[Mapping[str, Any]], arms: Sequence[s
             ax.fill_between(x, [r["ci_low"] for r in pts], [r["ci_high"] for r in pts],
                             color=colours[arm], alpha=0.18, linewidth=0)
             ax.plot(x, [r["mean"] for r in pts], marker="o", markersize=4, color=colours[arm], label=arm)
+        if base_levels and name in base_levels:
+            ax.axvline(base_levels[name], color="0.5", linestyle=":", linewidth=1)
+            ax.annotate("base site", (base_levels[name], 0.02), xycoords=("data", "axes fraction"),
+                        rotation=90, fontsize=7, color="0.4", ha="right", va="bottom")
         ax.set_title(name.replace("_", " "))
         ax.set_xlabel("severity")
         ax.grid(alpha=0.3)

@@ -81,8 +81,10 @@ def generate_dataset(out: str | Path, sites: list[str | SiteProfile] | None = No
     under ``out`` in the MSD layout; returns ``out``.
 
     ``sites`` holds site names, sweep names (``sweep-noise-20``) or :class:`SiteProfile` objects
-    (e.g. from :func:`~dualssl.data.phantom.sweeps.sweep_profiles`). A derived profile renders its
-    base's patients; dataset.json's ``sweeps`` gives each sweep site's axis and value.
+    (e.g. from :func:`~dualssl.data.phantom.sweeps.sweep_profiles`). A derived (sweep) profile renders
+    new patients from its base's seed stream (:data:`SWEEP_PATIENTS`), the same ones for every sweep
+    profile of that base and never the base site's own; dataset.json's ``sweeps`` gives each sweep
+    site's axis and value.
 
     ``scale`` 1.0 = clinical voxel sizes (tens of MB per case), 0.5 = demo (a few MB),
     0.3 = tests (a few hundred kB). ``workers`` > 1 renders in that many processes.
@@ -173,7 +175,8 @@ def generate_sweep_dataset(out: str | Path, sweeps: dict[str, list[float | str]]
                            workers: int = 1, shape_bank: str | Path | None = None,
                            options: PhantomOptions | str | None = None) -> Path:
     """Write ``base`` and one site per swept value (``sweeps``: axis -> values, e.g.
-    ``{"noise": [5, 20, 40], "slice": [3, 5]}``), each with the same ``cases_per_site`` patients.
+    ``{"noise": [5, 20, 40], "slice": [3, 5]}``); every sweep site holds the same ``cases_per_site``
+    patients, other than the base site's own (:data:`SWEEP_PATIENTS`).
 
     dataset.json's ``sweeps`` maps each sweep site to ``{"axis", "value", "unit", "base",
     "base_value"}``; the base's cases are byte-identical to :func:`generate_dataset`'s.

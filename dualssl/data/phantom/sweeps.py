@@ -1,10 +1,17 @@
 """Severity sweeps: site profiles derived from a base site with one acquisition knob set to a value.
 
 A sweep profile fixes one shift axis of a base profile (default ``pv_standard``) to one value and
-keeps everything else, and it renders the base's patients (its case seeds come from the base's
-name): case ``sweep-noise-40_003`` is patient ``pv_standard_003`` scanned with 40 HU of noise. The
-rest of the acquisition draws (pixel size, calibration, noise realisation) are the same random
-numbers too, so a severity curve measures the knob and nothing else.
+keeps everything else. Every sweep site renders the same NEW patients, never the base site's own
+(which a study may train on): case ``i`` of any sweep site of base ``B`` is drawn from ``B``'s case
+seeds at index ``i + SWEEP_PATIENTS`` (``dualssl.data.phantom.generate``), so ``sweep-noise-40_003``
+and ``sweep-noise-20_003`` are one patient, and not patient ``pv_standard_003``. The rest of the
+acquisition draws (pixel size, calibration, noise realisation) are the same random numbers at every
+severity too, so along a sweep a curve measures the knob and nothing else.
+
+Severity 0 of a curve is the base site itself: :func:`severity_zero_rows` repeats the base site's
+own per-case rows (of each cell) as the sweep's point at the base's own value of the axis
+(:func:`base_level`). Those are other patients than the sweep sites', and when the base is the
+source site they are its validation cases, on which the best epoch was chosen.
 
 Axes (:data:`AXES`; docs/PHANTOM.md tabulates them):
 
@@ -160,6 +167,50 @@ def sweep_sites(sweeps: Mapping[str, Sequence[float | str]], base: str = DEFAULT
     if base not in SITE_PROFILES:
         raise ValueError(f"sweep base {base!r}: not a phantom site; choose one of {', '.join(SITE_PROFILES)}")
     return [SITE_PROFILES[base], *out.values()]
+
+
+SEVERITY_ZERO_PART = "severity-0"
+"""``part`` of the rows :func:`severity_zero_rows` adds (a per-case table's ``part`` column)."""
+
+
+def base_level(record: Mapping[str, Any]) -> float | None:
+    """Where the base site sits on a sweep's axis: the mean of the base profile's own range on it
+    (``record["base_value"]`` from :func:`sweep_record`), or None for a categorical axis (``phase``)."""
+    if AXES[record["axis"]].categorical:
+        return None
+    value = record["base_value"]
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return sum(values) / len(values)
+
+
+def severity_zero_rows(rows: Sequence[Mapping[str, Any]], sweeps: Mapping[str, Mapping[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """Severity 0 of every robustness curve: the base site's own cases, as rows of each sweep axis.
+
+    Args:
+        rows: per-case rows (``site``, ``axis`` empty off sweeps, and any other columns: ``arm``,
+            ``seed``, ``source_site``, ``dice``, ...), e.g. one cell's or a whole study's.
+        sweeps: dataset.json's ``sweeps``: sweep site -> :func:`sweep_record` (``axis``, ``base``,
+            ``base_value``, ...).
+
+    Returns:
+        New rows (the inputs are not changed): for every numeric axis swept from a base site, a copy
+        of each of that base site's rows that is not itself a sweep row, with ``axis`` = the axis,
+        ``severity`` = :func:`base_level` and ``part`` = :data:`SEVERITY_ZERO_PART`. Its arm, seed,
+        source site, role and metrics are the original row's, so each cell's severity 0 is scored by
+        the very model of its other severities. Categorical axes (``phase``) get none.
+    """
+    axes: dict[tuple[str, str], float] = {}
+    for record in sweeps.values():
+        level = base_level(record)
+        if level is not None:
+            axes.setdefault((str(record["axis"]), str(record["base"])), level)
+    out = []
+    for (axis, base), level in axes.items():
+        for row in rows:
+            if row.get("site") == base and row.get("axis") in (None, ""):
+                out.append({**row, "axis": axis, "severity": level, "part": SEVERITY_ZERO_PART})
+    return out
 
 
 def sweep_record(profile: SiteProfile) -> dict[str, Any]:
