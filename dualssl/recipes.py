@@ -74,8 +74,8 @@ ARMS: dict[str, Recipe] = {
 PEER_ARMS: dict[str, Recipe] = {
     # nnU-Net v2 itself on each cell's split (dualssl/peers/nnunet.py): its default trainer, and
     # nnUNetTrainerDA5 (heavier augmentation, what its maintainers suggest under domain shift)
-    "nnunet": {"study.peer": "nnunet"},
-    "nnunet-da5": {"study.peer": "nnunet-da5"},
+    "nnunet": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "study.peer": "nnunet"},
+    "nnunet-da5": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "study.peer": "nnunet-da5"},
 }
 """Arms of the domain-shift study that are other systems (``study.peer``), run on the same cells
 and budget (``optim.epochs x optim.steps_per_epoch`` iterations) as ``ARMS``."""
@@ -101,13 +101,16 @@ def arm_differences(base: Config, arms: Mapping[str, Recipe], reference: str = "
         raise ConfigError(f"arm_differences: reference arm {reference!r} is not among {', '.join(arms)}")
 
     def resolved(recipe: Recipe) -> dict[str, Any]:
-        return Config.from_dict(base.to_dict()).with_overrides(dict(recipe)).flat()
+        # study.* keys (a peer arm's study.peer) are the study's, not the Config's: compared as they stand
+        config_keys = {k: v for k, v in recipe.items() if not str(k).startswith("study.")}
+        flat = Config.from_dict(base.to_dict()).with_overrides(config_keys).flat()
+        return {**flat, **{k: v for k, v in recipe.items() if str(k).startswith("study.")}}
 
     ref = resolved(arms[reference])
     out: dict[str, dict[str, tuple[Any, Any]]] = {}
     for name, recipe in arms.items():
         flat = resolved(recipe)
-        out[name] = {k: (ref[k], v) for k, v in flat.items() if v != ref[k]}
+        out[name] = {k: (ref.get(k), v) for k, v in flat.items() if v != ref.get(k)}
     return out
 
 

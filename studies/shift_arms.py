@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dualssl.config import Config, ConfigError
-from dualssl.recipes import ARMS, PEER_ARMS, load_recipes
+from dualssl.recipes import ARMS, PEER_ARMS, arm_differences, load_recipes
 
 REFERENCE = "plain"
 SOURCE_VAL = "source-val"
@@ -94,31 +94,11 @@ def best_loss_weights(study: Path) -> tuple[dict[str, Any], str]:
     return weights, str(best_id)
 
 
-def resolve(cfg: Config, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The flat config (dotted name -> value) of one arm: a copy of ``cfg`` with the arm's overrides."""
-    return Config.from_dict(cfg.to_dict()).with_overrides(dict(overrides)).flat()
-
-
-def differences_from_reference(cfg: Config, arms: dict[str, dict[str, Any]],
-                               reference: str = REFERENCE) -> dict[str, dict[str, tuple[Any, Any]]]:
-    """Per arm, ``{dotted name: (reference value, arm value)}`` for every resolved key that differs.
-
-    The reference is the ``plain`` arm as the study runs it (its overrides in ``arms``, else the
-    default recipe's) on the same base config, so only what the arm itself changes shows.
-    """
-    ref = resolve(cfg, arms.get(reference, ARMS.get(reference, {})))
-    out = {}
-    for arm, overrides in arms.items():
-        mine = resolve(cfg, overrides)
-        out[arm] = {k: (ref.get(k), v) for k, v in mine.items() if ref.get(k) != v}
-    return out
-
-
 def describe_arms(cfg: Config, arms: dict[str, dict[str, Any]], sources: dict[str, str],
                   reference: str = REFERENCE) -> list[dict[str, str]]:
     """One row per arm for the report and ``study.json``: ``arm``, ``settings_from``, ``differences``
     (text: ``key: plain value -> arm value``, comma-separated)."""
-    diffs = differences_from_reference(cfg, arms, reference)
+    diffs = arm_differences(cfg, {reference: ARMS.get(reference, {}), **arms}, reference)
     rows = []
     for arm in arms:
         changed = diffs[arm]
