@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -179,24 +180,24 @@ def post_scan(url: str, scan: Path) -> dict:
         return json.loads(response.read())["predictions"][0]
 
 
-def _served_equals_predict(server: dict, scan: Path, tmp_path: Path) -> None:
+def served_and_predicted(server: dict, scan: Path, tmp_path: Path) -> tuple[dict, Any, Any, Any]:
+    """(the served answer, its decoded mask, ``dualssl predict``'s mask, the scan), for one scan."""
     from dualssl.serving import decode_nifti
 
     out = post_scan(server["url"], scan)
-    mask = decode_nifti(out["mask"])
     expected = dualssl_predict(server["uri"], scan, tmp_path / "predicted.nii.gz")
-    original = nib.load(scan)
-    assert mask.shape == original.shape[:3] and np.allclose(mask.affine, original.affine, atol=1e-5)
-    assert np.allclose(np.asarray(out["affine"]), original.affine, atol=1e-5)
-    assert np.array_equal(np.asanyarray(mask.dataobj), np.asanyarray(expected.dataobj))
-    assert np.asanyarray(mask.dataobj).any()  # not trivially equal
+    return out, decode_nifti(out["mask"]), expected, nib.load(scan)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_served_model_answers_http_with_the_mask_of_dualssl_predict_on_a_phantom_scan(server, phantom_root, tmp_path):
     scan = sorted((phantom_root / "imagesTr").glob("*.nii.gz"))[0]
-    _served_equals_predict(server, scan, tmp_path)
+    out, mask, expected, original = served_and_predicted(server, scan, tmp_path)
+    assert mask.shape == original.shape[:3] and np.allclose(mask.affine, original.affine, atol=1e-5)
+    assert np.allclose(np.asarray(out["affine"]), original.affine, atol=1e-5)
+    assert np.array_equal(np.asanyarray(mask.dataobj), np.asanyarray(expected.dataobj))
+    assert np.asanyarray(mask.dataobj).any()  # not trivially equal
 
 
 @pytest.mark.slow
@@ -206,4 +207,8 @@ def test_served_model_answers_http_with_the_mask_of_dualssl_predict_on_the_nih_s
     scan = shared_data / NIH_SCAN
     if not scan.is_file():
         pytest.skip(f"{scan} is absent")
-    _served_equals_predict(server, scan, tmp_path)
+    out, mask, expected, original = served_and_predicted(server, scan, tmp_path)
+    assert mask.shape == original.shape[:3] and np.allclose(mask.affine, original.affine, atol=1e-5)
+    assert np.allclose(np.asarray(out["affine"]), original.affine, atol=1e-5)
+    assert np.array_equal(np.asanyarray(mask.dataobj), np.asanyarray(expected.dataobj))
+    assert np.asanyarray(mask.dataobj).any()  # not trivially equal

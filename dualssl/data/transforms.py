@@ -279,7 +279,6 @@ def train_transforms(cfg: DataConfig) -> Pipeline:
     ``randconv``, ``gin``; :mod:`dualssl.data.augment`) runs after it either way.
     """
     keys = ["image", "label"]
-    patch = tuple(int(p) for p in cfg.patch_size)
     steps = patch_sampling(cfg)
     if cfg.augment:
         steps += standard_augmentation()

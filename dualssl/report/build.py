@@ -118,8 +118,8 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         doc.sections.append(study_sections.failed_section(failed_cells, total_cells or len(failed_cells)))
     doc.sections.append(Section(
         "Unseen sites, pooled (headline)",
-        f"Each arm over every unseen-site case of every source site and seed. CIs, df and p: crossed "
-        f"patients x seeds analysis (see the last section); p (Holm) adjusts over the arms of this table."
+        "Each arm over every unseen-site case of every source site and seed. CIs, df and p: crossed "
+        "patients x seeds analysis (see the last section); p (Holm) adjusts over the arms of this table."
         + unmatched_note(paired_pool, reference) + interval_notes(pooled, paired_pool)
         + ("" if compare else f" No paired comparison: the table needs the reference arm {reference!r} "
                               f"and at least one other arm."),
