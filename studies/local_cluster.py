@@ -29,6 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout holding ``studies/``: put on the private head's PYTHONPATH, so its workers import
+``studies`` (trials do, lazily) wherever the study was started from."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +77,8 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
     auth = reserve_auth()
     # No drain on SIGTERM (Ray waits up to 30 s for a draining node, for Serve): a private head has
     # nothing to hand over, and once its driver is gone nobody waits for it.
-    env = {**os.environ, **auth, "RAY_ADDRESS": address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = {**os.environ, **auth, "RAY_ADDRESS": address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
     if num_cpus is not None:
