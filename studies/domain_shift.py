@@ -45,6 +45,8 @@ from dualssl.config import Config, ConfigError  # noqa: E402
 from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.shift_arms import arm_table, best_loss_weights, describe_arms  # noqa: E402,F401
+from studies.shift_budgets import (add_budget_flags, arm_param, budget_problems,  # noqa: E402
+                                   describe_budget_arms, expand_arms, parse_budgets)
 
 DEFAULT_STORAGE = Path.home() / "dualssl-studies"
 PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=None, metavar="AXIS=V1,V2",
                    help="severity sweep sites of the generated phantom (default noise=25,50; 'none' for none)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per cell (default: the recipe's)")
+    add_budget_flags(p)  # --budgets B1,B2 (each arm at each budget, as ARM@B) and --reference ARM
     p.add_argument("--config", type=Path, help="base YAML config (default: the demo / smoke recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every cell")
     p.add_argument("--max-concurrent-trials", type=int, default=1)
@@ -108,7 +111,11 @@ class Plan:
     arm_sources: dict[str, str] = field(default_factory=dict)
     """Where each arm's settings came from (default recipe, --arms-file, --from-study)."""
     arm_rows: list[dict[str, str]] = field(default_factory=list)
-    """``studies.shift_arms.describe_arms``: each arm's source and resolved differences from plain."""
+    """``studies.shift_arms.describe_arms``: each arm's source and resolved differences from the reference."""
+    budgets: list[int] = field(default_factory=list)
+    """``--budgets`` (iterations); empty: none, and ``arms`` keep their names (else ``ARM@B``)."""
+    reference: str = "plain"
+    """``--reference``: the arm the paired differences are taken to (with budgets, at the same budget)."""
 
 
 def parse_seeds(text: str | None, smoke: bool) -> list[int]:
@@ -254,15 +261,19 @@ def prepare(args: argparse.Namespace) -> Plan:
             found = verify_dataset(args.data.expanduser().resolve(), [source], val_fraction=cfg.data.val_fraction,
                                    split_seed=cfg.data.split_seed, workers=min(8, os.cpu_count() or 1))
             problems.extend(str(p) for p in found if p.fatal and str(p) not in problems)
+    problems.extend(budget_problems(args, cfg, list(arms or {})))
     if problems:
         raise StudyError(problems)
     if cfg.data.cache_dir and not os.path.isabs(os.path.expanduser(cfg.data.cache_dir)):
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
-    plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps)
+    budgets = parse_budgets(args.budgets)
+    arms, sources_of_arms = expand_arms(arms, sources_of_arms, budgets, cfg.optim.steps_per_epoch)
+    plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps, budgets=budgets,
+                reference=args.reference)
     plan.cells = make_cells(arms, seeds, sources)
     plan.arm_sources = sources_of_arms
     try:
-        plan.arm_rows = describe_arms(cfg, arms, sources_of_arms)
+        plan.arm_rows = describe_budget_arms(cfg, arms, sources_of_arms, budgets, args.reference)
     except ConfigError as exc:
         raise StudyError([f"--arms: {exc}"]) from exc
     return plan
@@ -289,8 +300,6 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    from dualssl.report import write_report
-    from dualssl.stats import read_cases
     from studies import trainable as trainable_mod
     from studies.shift_table import CASE_COLUMNS, collect, write_csv
     from studies.pending_writes import JOURNAL_NAME
@@ -320,23 +329,27 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{plan.storage}/{plan.experiment}/train_runs",
         selection="source-val", max_failures=args.max_failures)
+    length = (f"budgets {', '.join(map(str, plan.budgets))} iterations" if plan.budgets
+              else f"{cfg.optim.epochs} epochs")
     print(f"[domain-shift] {plan.experiment}: {len(plan.cells)} cells = {len(plan.arms)} arms "
           f"({', '.join(plan.arms)}) x {len(plan.seeds)} seeds x {len(plan.source_sites)} source site(s); "
-          f"{cfg.optim.epochs} epochs; {resources.max_concurrent_trials} at a time", flush=True)
+          f"{length}; {resources.max_concurrent_trials} at a time", flush=True)
 
     # 4. MLflow parent run (reopened on --resume).
     manifest_path = plan.study_dir / "study.json"
     previous = json.loads(manifest_path.read_text()) if args.resume and manifest_path.is_file() else {}
     tags = {"study": plan.experiment, "role": "domain-shift study", "selection": "source-val",
             "git_revision": git_revision(), "arms": ",".join(plan.arms), "seeds": ",".join(map(str, plan.seeds)),
-            "source_sites": ",".join(plan.source_sites)}
+            "source_sites": ",".join(plan.source_sites), "reference": plan.reference,
+            "budgets": ",".join(map(str, plan.budgets)) or "none"}
     parent = start_parent_run(tracking_uri, plan.experiment, f"domain-shift-{plan.experiment}", tags,
-                              {"cells": len(plan.cells), **{f"arm.{a}": json.dumps(v) for a, v in plan.arms.items()},
+                              {"cells": len(plan.cells), **{arm_param(a): json.dumps(v) for a, v in plan.arms.items()},
                                **asdict(resources)}, run_id=previous.get("parent_run_id"))
     manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,
-                "resources": asdict(resources), "kind": "domain-shift", "arms_provenance": plan.arm_rows}
+                "resources": asdict(resources), "kind": "domain-shift", "arms_provenance": plan.arm_rows,
+                "budgets": plan.budgets, "reference": plan.reference}
     manifest.update(plan=data_pass.plan, cache_dirs=data_pass.cache_dirs)
     log_to_parent(tracking_uri, parent, data_pass)
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
@@ -375,51 +388,20 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     done = [c for c in cells if c["status"] == "completed"]
     failed = [c for c in cells if c["status"] != "completed"]
 
-    # 7. Statistics and the report (on the unseen sites' every case; see the module docstring).
-    summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells,
-                               "wall_time_s": time.time() - started}
-    paths = None
-    if cases:
-        meta = {"data": cfg.data.root + (" (the procedural phantom: a test fixture, not evidence about real "
-                                         "hospitals)" if args.data is None else ""),
-                "source sites": plan.source_sites, "arms": list(plan.arms),
-                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished" + (
-                    f" (did not finish: {', '.join(c['cell'] for c in failed)})" if failed else ""),
-                "epochs": cfg.optim.epochs,
-                "selection": "best epoch on source validation (no unseen-site data)",
-                "unseen cases": "every case of each unseen site (selection and report parts)",
-                "wall_time_s": round(time.time() - started)}
-        paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
-                             meta, n_boot=args.n_boot, arms_info=plan.arm_rows, failed_cells=failed,
-                             total_cells=len(cells))
-        add_fingerprint_section(paths["markdown"], data_pass)
-        summary["report"] = {k: str(v) for k, v in paths.items()}
-    _log_parent(tracking_uri, parent, plan.study_dir, paths, failed, len(cells))
-    if cases and "pooled_csv" in summary.get("report", {}):
-        from studies.shift_console import report_headline
+    # 7. Statistics and the report (on the unseen sites' every case; see the module docstring), with
+    # each arm's budget and wall time; with --budgets one report per budget (studies/shift_report.py).
+    from studies.shift_report import log_parent, write_study_report
 
-        summary["headline"] = report_headline(summary["report"], cases, args.data is None)
+    summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells}
+    written = write_study_report(plan, cases_csv, cases, cells, n_boot=args.n_boot, phantom=args.data is None,
+                                 data_root=cfg.data.root, data_pass=data_pass, started=started)
+    summary.update({k: v for k, v in written.items() if k != "paths"})
+    log_parent(tracking_uri, parent, plan.study_dir, written["paths"], failed, len(cells))
     summary["wall_time_s"] = time.time() - started
     manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done),
                     cells_failed=[{k: c.get(k) for k in ("cell", "status", "error")} for c in failed])
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return summary
-
-
-def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path] | None,
-                failed: list[dict[str, Any]], total: int) -> None:
-    """The study's tables and report on the MLflow parent run, and which cells did not finish (tags
-    ``cells_failed`` / ``failed_cells``, the latter naming them; ``cells.csv`` holds their errors)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    client.set_tag(parent, "cells_failed", f"{len(failed)} of {total}")
-    client.set_tag(parent, "failed_cells", ", ".join(c["cell"] for c in failed)[:4000] or "none")
-    for name in ("cases.csv", "cells.csv"):
-        if (study_dir / name).is_file():
-            client.log_artifact(parent, str(study_dir / name))
-    if paths is not None:
-        client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report:       {report.get('html', '(none: no cell finished)')}")
     if "markdown" in report:
         print(f"              {report['markdown']}")
+    for budget, html in summary.get("budget_reports", {}).items():
+        print(f"  budget {budget}: {html}")
     print(f"MLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
     print(f"Study folder: {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
     return 0 if done == len(summary["cells"]) else 1
