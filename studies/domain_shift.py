@@ -5,14 +5,20 @@ DG baselines bigaug, randconv, gin; or your own from ``--arms-file``) with one s
 site, all under one protocol (the same net, schedule, patches and source-validation selection), as
 a Ray Train DDP run driven by the trainable that ``tune.py`` uses; the cells are a Tune
 ``grid_search``. The best epoch of every cell is measured on the source validation cases and on
-every other site, severity-sweep sites included, and the study ends with statistics (bootstrap CIs,
-paired differences against ``plain``, Wilcoxon) and a report::
+every other site, severity-sweep sites included, and the study ends with statistics (crossed
+patients x seeds CIs, paired differences against ``--reference``, default ``plain``) and a report::
 
     python studies/domain_shift.py                      # 2 arms x 3 seeds on the phantom, ~30 min on 2 cores
     python studies/domain_shift.py --smoke-test         # 2 arms x 2 seeds, tiny net, a few minutes
     python studies/domain_shift.py --arms plain,dual,bigaug,gin --leave-one-site-out --seeds 5 \\
         --data /data/multisite --storage-path /mnt/shared/studies --mlflow-tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python studies/domain_shift.py --smoke-test
+    python studies/domain_shift.py --arms plain,dual,nnunet,nnunet-da5 --budgets 100,300,1000 --reference nnunet
+
+The last one (36 cells) takes many hours on 2 CPU cores: ``--budgets`` runs every arm at each training
+budget (iterations) as its own arm ``ARM@B``, compared with the ``--reference`` arm at the same budget:
+one report per budget and the budget axis in the top-level report (``studies/shift_budgets.py``,
+``dualssl/report/budgets.py``). Every report states each arm's budget and wall time (``cells.csv``).
 
 Steps: 1. preflight on the driver (flags, arms, config, data: every problem at once, exit 2);
 2. data (a phantom with a severity sweep when ``--data`` is absent); 3. Ray and resources; 4. MLflow
@@ -46,14 +52,11 @@ from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.shift_arms import arm_table, best_loss_weights, describe_arms  # noqa: E402,F401
 from studies.shift_budgets import (add_budget_flags, arm_param, budget_problems,  # noqa: E402
-                                   describe_budget_arms, expand_arms, parse_budgets)
+                                   describe_budget_arms, expand_arms, parse_budgets, reference_arm)
+from studies.shift_data import (DEFAULT_SWEEP, PHANTOM_SITES, SMOKE_SITES, dataset_sites,  # noqa: E402,F401
+                                ensure_data, sweep_spec)
 
 DEFAULT_STORAGE = Path.home() / "dualssl-studies"
-PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
-SMOKE_SITES = ["pv_standard", "native_thick", "cone_beam"]
-DEFAULT_SWEEP = {"noise": [25.0, 50.0]}
-"""The default phantom's severity sweep (noise std in HU on top of pv_standard)."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="studies/domain_shift.py", description=__doc__.splitlines()[0])
@@ -135,23 +138,6 @@ def parse_seeds(text: str | None, smoke: bool) -> list[int]:
     return values
 
 
-def sweep_spec(args: argparse.Namespace) -> dict[str, list[Any]]:
-    from dualssl.data.phantom.sweeps import parse_sweep_spec
-
-    if args.sweep is None:
-        return {} if args.smoke_test else dict(DEFAULT_SWEEP)
-    if args.sweep == ["none"]:
-        return {}
-    out: dict[str, list[Any]] = {}
-    for spec in args.sweep:
-        try:
-            axis, values = parse_sweep_spec(spec)
-        except ValueError as exc:
-            raise ConfigError(f"--sweep {spec}: {exc}") from exc
-        out[axis] = values
-    return out
-
-
 STUDY_DEFAULTS = {"eval.val_every": 2, "optim.steps_per_epoch": 10}
 """On top of the demo recipe: 100 steps a cell and whole-volume validation every other epoch (the best
 epoch is chosen among those, the same for every arm), which keeps the default study of 6 cells within
@@ -169,18 +155,6 @@ def base_config(args: argparse.Namespace) -> Config:
         cfg.optim.epochs = args.epochs
     cfg.with_overrides(args.set)
     return cfg.validate()
-
-
-def dataset_sites(root: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """(sites of the dataset, sweep records of dataset.json by site)."""
-    from dualssl.data.datalist import load_datalist
-
-    sites = sorted({c.site for c in load_datalist(root)})
-    sweeps: dict[str, dict[str, Any]] = {}
-    meta = root / "dataset.json" if root.is_dir() else None
-    if meta is not None and meta.is_file():
-        sweeps = json.loads(meta.read_text()).get("sweeps", {}) or {}
-    return sites, sweeps
 
 
 def make_cells(arms: dict[str, dict[str, Any]], seeds: list[int], sources: list[str]) -> list[dict[str, Any]]:
@@ -269,31 +243,14 @@ def prepare(args: argparse.Namespace) -> Plan:
     budgets = parse_budgets(args.budgets)
     arms, sources_of_arms = expand_arms(arms, sources_of_arms, budgets, cfg.optim.steps_per_epoch)
     plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps, budgets=budgets,
-                reference=args.reference)
+                reference=reference_arm(args))
     plan.cells = make_cells(arms, seeds, sources)
     plan.arm_sources = sources_of_arms
     try:
-        plan.arm_rows = describe_budget_arms(cfg, arms, sources_of_arms, budgets, args.reference)
+        plan.arm_rows = describe_budget_arms(cfg, arms, sources_of_arms, budgets, plan.reference)
     except ConfigError as exc:
         raise StudyError([f"--arms: {exc}"]) from exc
     return plan
-
-
-def ensure_data(args: argparse.Namespace, plan: Plan) -> Path:
-    if args.data is not None:
-        return args.data.expanduser().resolve()
-    from dualssl.data.phantom import generate_dataset
-    from dualssl.data.phantom.sweeps import sweep_name
-
-    root = plan.study_dir / "phantom"
-    if not (root / "dataset.json").is_file():
-        base = SMOKE_SITES if args.smoke_test else PHANTOM_SITES
-        sweeps = [sweep_name(axis, v) for axis, values in plan.sweeps.items() for v in values]
-        print(f"[domain-shift] generating the phantom ({len(base)} sites + {len(sweeps)} sweep sites) in {root}",
-              flush=True)
-        generate_dataset(root, sites=[*base, *sweeps], cases_per_site=4 if args.smoke_test else 5, seed=0,
-                         scale=0.3, workers=max(1, min(4, os.cpu_count() or 1)), progress=True)
-    return root
 
 
 def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
@@ -321,7 +278,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     if not args.skip_resource_check:
         check_resources(resources, ray.cluster_resources(), cluster_nodes())
     # 3b. Before any cell: fingerprint, --plan auto, every cell's cases preprocessed once (studies/preprocess.py).
-    from studies.preprocess import add_fingerprint_section, cell_configs, log_to_parent, prepare_data
+    from studies.preprocess import cell_configs, log_to_parent, prepare_data
 
     data_pass = prepare_data(cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb,
                              cell_configs=cell_configs(cfg, plan.cells), source_sets=[[s] for s in plan.source_sites])

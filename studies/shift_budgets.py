@@ -17,6 +17,7 @@ import argparse
 from typing import Any
 
 from dualssl.config import Config, ConfigError
+from dualssl.recipes import ARMS
 from dualssl.report.budgets import BUDGET_SEP, budget_arm
 from studies.shift_arms import describe_arms
 
@@ -28,9 +29,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default=None, metavar="B1,B2,...",
                    help="training budgets in iterations (optimizer steps), each a multiple of optim.steps_per_epoch: "
                         "every arm runs at each, as ARM@B (default: one budget, the config's epochs)")
-    p.add_argument("--reference", default=DEFAULT_REFERENCE,
+    p.add_argument("--reference", default=None,
                    help="the arm every other arm is compared with (paired differences; with --budgets at the "
-                        "same budget); default plain")
+                        "same budget); default plain (a study without plain then has no paired comparison)")
 
 
 def parse_budgets(text: str | None) -> list[int]:
@@ -66,10 +67,16 @@ def budget_epochs(budget: int, steps_per_epoch: int) -> int:
     return budget // steps_per_epoch
 
 
+def reference_arm(args: argparse.Namespace) -> str:
+    """``--reference``, else ``plain``."""
+    return args.reference or DEFAULT_REFERENCE
+
+
 def budget_problems(args: argparse.Namespace, cfg: Config | None, arm_names: list[str]) -> list[str]:
-    """Every problem of ``--budgets`` / ``--reference`` against the base config and the arms, as text."""
+    """Every problem of ``--budgets`` / ``--reference`` against the base config and the arms, as text
+    (a ``--reference`` given must be an arm of the study; the default ``plain`` need not be)."""
     problems: list[str] = []
-    if arm_names and args.reference not in arm_names:
+    if arm_names and args.reference is not None and args.reference not in arm_names:
         problems.append(f"--reference {args.reference}: not an arm of this study (--arms {args.arms}); name one "
                         f"of {', '.join(arm_names)}, or add it to --arms")
     try:
@@ -126,5 +133,10 @@ def describe_budget_arms(cfg: Config, arms: dict[str, dict[str, Any]], sources: 
     for budget in budgets:
         suffix = f"{BUDGET_SEP}{budget}"
         mine = {a: v for a, v in arms.items() if a.endswith(suffix)}
-        rows += describe_arms(cfg, mine, sources, budget_arm(reference, budget))
+        ref = budget_arm(reference, budget)
+        absent = ref not in mine  # the default plain need not be an arm: its recipe at this budget
+        if absent:
+            mine = {ref: {**ARMS.get(reference, {}), "optim.epochs": budget_epochs(budget, cfg.optim.steps_per_epoch),
+                          "study.budget": budget}, **mine}
+        rows += [r for r in describe_arms(cfg, mine, sources, ref) if not (absent and r["arm"] == ref)]
     return rows

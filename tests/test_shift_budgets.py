@@ -77,6 +77,10 @@ def test_budgeted_cells_train_their_budget_and_carry_its_label(tmp_path, phantom
     assert rows["plain@8"]["differences"] == "none (the reference)"
     assert rows["dual@8"]["differences"].startswith("loss.lambda_con: 0.0 -> 0.1")
     assert "optim.epochs" not in rows["dual@8"]["differences"] and "study.budget" not in rows["dual@8"]["differences"]
+    no_plain = prepare(_args("--smoke-test", "--data", str(phantom_root), "--arms", "dual,gin", "--budgets", "8",
+                             "--storage-path", str(tmp_path)))  # the default reference need not be an arm
+    assert [r["arm"] for r in no_plain.arm_rows] == ["dual@8", "gin@8"]
+    assert no_plain.arm_rows[1]["differences"] == "data.domain_aug: none -> gin"  # vs plain's recipe at 8
     plain = prepare(_args("--smoke-test", "--data", str(phantom_root), "--arms", "plain,dual",
                           "--reference", "dual", "--storage-path", str(tmp_path)))
     assert list(plain.arms) == ["plain", "dual"] and all("study.budget" not in c for c in plain.cells)
