@@ -114,7 +114,7 @@ def expand_arms(arms: dict[str, dict[str, Any]], sources: dict[str, str], budget
         for arm, overrides in arms.items():
             name = budget_arm(arm, budget)
             out[name] = {**overrides, "optim.epochs": epochs, "study.budget": budget}
-            origin[name] = f"{sources.get(arm, '?')}; budget {budget} iterations = {epochs} epochs x {steps_per_epoch}"
+            origin[name] = f"{sources.get(arm, '?')}; budget {budget} iterations = {epochs} epoch(s) x {steps_per_epoch}"
     return out, origin
 
 

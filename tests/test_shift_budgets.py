@@ -53,14 +53,14 @@ def test_each_arm_at_each_budget_is_its_own_arm():
     assert out["nnunet@300"] == {"loss.lambda_con": 0.0, "study.peer": "nnunet", "optim.epochs": 30,
                                  "study.budget": 300}
     assert out["plain@100"]["optim.epochs"] == 10
-    assert origin["plain@300"].startswith("default; budget 300 iterations = 30 epochs x 10")
+    assert origin["plain@300"].startswith("default; budget 300 iterations = 30 epoch(s) x 10")
     assert expand_arms(arms, {}, [], 10) == (arms, {})  # no --budgets: nothing changes
 
 
 def test_budgeted_cells_train_their_budget_and_carry_its_label(tmp_path, phantom_root):
     """Every cell of ``--budgets`` resolves (through the trainable's own ``split_config``) to
     budget / steps_per_epoch epochs, its ``study.budget`` label a trial setting."""
-    from studies.trainable import TrialSettings, split_config, study_config
+    from studies.trainable import TrialSettings, cell_tags, split_config, study_config
 
     plan = prepare(_args("--smoke-test", "--data", str(phantom_root), "--arms", "plain,dual", "--seeds", "2",
                          "--budgets", "4,8", "--storage-path", str(tmp_path)))
@@ -72,6 +72,7 @@ def test_budgeted_cells_train_their_budget_and_carry_its_label(tmp_path, phantom
         assert settings.budget == cell["study.budget"] and settings.arm == cell["study.arm"]
         assert cfg.optim.epochs * cfg.optim.steps_per_epoch == settings.budget
         assert settings.arm.endswith(f"@{settings.budget}")
+        assert cell_tags(cfg, settings)["budget"] == str(settings.budget)  # the MLflow tag of the cell's run
     rows = {r["arm"]: r for r in plan.arm_rows}
     # compared with the reference at the same budget: the budget itself is no difference
     assert rows["plain@8"]["differences"] == "none (the reference)"
@@ -188,6 +189,8 @@ def test_a_budgeted_study_pairs_within_each_budget(budget_study):
     parent = mlflow.MlflowClient(manifest["tracking_uri"]).get_run(manifest["parent_run_id"])
     assert json.loads(parent.data.params["arm.dual_at_8"])["optim.epochs"] == 2  # MLflow refuses '@' in a name
     assert parent.data.tags["budgets"] == "4,8"
-    headline = [line.split()[0] for line in done.stdout.splitlines() if "@" in line.split(" ")[0]]
-    assert sorted(headline) == ["dual@4", "dual@8", "plain@4", "plain@8"]
-    assert "Δ vs plain@B" in done.stdout
+    # the terminal's headline: one line per ARM@B under its header, the difference at the same budget
+    printed = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(printed) if "Δ vs plain@B [95% CI]" in line) + 1
+    headline = [line.split()[0] for line in printed[start:start + 4]]
+    assert headline == ["plain@4", "dual@4", "plain@8", "dual@8"]

@@ -197,7 +197,7 @@ def write_budget_reports(rows: Iterable[Mapping[str, Any]], out_dir: str | Path,
     if section is not None:
         doc.sections.append(section)
     if arms_info:
-        doc.sections.append(study_sections.arms_section(arms_info, f"{reference}@B (same budget)"))
+        doc.sections.append(study_sections.arms_section(arms_info, f"{reference}@B"))
     n_seeds = min((r["n_seeds"] for r in axis), default=0)
     if method == "crossed":
         doc.sections.append(Section("How the numbers were computed", methods_note(n_seeds, metric, FAIL_BELOW)))
