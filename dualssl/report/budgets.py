@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from dualssl.report import figures, html, markdown, study_sections
 from dualssl.report.build import write_report
 from dualssl.report.document import Document, Section, Table, facts_from_meta
@@ -90,9 +92,9 @@ def budget_axis(rows: Iterable[Mapping[str, Any]], budgets: Sequence[int], refer
 
 
 def budget_figure(axis: Sequence[Mapping[str, Any]], arms: Sequence[str], colours: Mapping[str, str],
-                  metric: str = "dice"):
+                  metric: str = "dice") -> Figure:
     """Mean unseen-site ``metric`` vs budget (log x), one line per arm with 95% CI bars."""
-    fig = figures._new_figure(6.4, 3.8)
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = fig.subplots()
     budgets = sorted({r["budget"] for r in axis})
     for k, arm in enumerate(arms):
