@@ -5,14 +5,20 @@ DG baselines bigaug, randconv, gin; or your own from ``--arms-file``) with one s
 site, all under one protocol (the same net, schedule, patches and source-validation selection), as
 a Ray Train DDP run driven by the trainable that ``tune.py`` uses; the cells are a Tune
 ``grid_search``. The best epoch of every cell is measured on the source validation cases and on
-every other site, severity-sweep sites included, and the study ends with statistics (bootstrap CIs,
-paired differences against ``plain``, Wilcoxon) and a report::
+every other site, severity-sweep sites included, and the study ends with statistics (crossed
+patients x seeds CIs, paired differences against ``--reference``, default ``plain``) and a report::
 
     python studies/domain_shift.py                      # 2 arms x 3 seeds on the phantom, ~30 min on 2 cores
     python studies/domain_shift.py --smoke-test         # 2 arms x 2 seeds, tiny net, a few minutes
     python studies/domain_shift.py --arms plain,dual,bigaug,gin --leave-one-site-out --seeds 5 \\
         --data /data/multisite --storage-path /mnt/shared/studies --mlflow-tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python studies/domain_shift.py --smoke-test
+    python studies/domain_shift.py --arms plain,dual,nnunet,nnunet-da5 --budgets 100,300,1000 --reference nnunet
+
+The last one (36 cells) takes many hours on 2 CPU cores: ``--budgets`` runs every arm at each training
+budget (iterations) as its own arm ``ARM@B``, compared with the ``--reference`` arm at the same budget:
+one report per budget and the budget axis in the top-level report (``studies/shift_budgets.py``,
+``dualssl/report/budgets.py``). Every report states each arm's budget and wall time (``cells.csv``).
 
 Steps: 1. preflight on the driver (flags, arms, config, data: every problem at once, exit 2);
 2. data (a phantom with a severity sweep when ``--data`` is absent); 3. Ray and resources; 4. MLflow
@@ -45,13 +51,12 @@ from dualssl.config import Config, ConfigError  # noqa: E402
 from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.shift_arms import arm_table, best_loss_weights, describe_arms  # noqa: E402,F401
+from studies.shift_budgets import (add_budget_flags, arm_param, budget_problems,  # noqa: E402
+                                   describe_budget_arms, expand_arms, parse_budgets, reference_arm)
+from studies.shift_data import (DEFAULT_SWEEP, PHANTOM_SITES, SMOKE_SITES, dataset_sites,  # noqa: E402,F401
+                                ensure_data, sweep_spec)
 
 DEFAULT_STORAGE = Path.home() / "dualssl-studies"
-PHANTOM_SITES = ["pv_standard", "native_thick", "lowdose_sharp", "cone_beam"]
-SMOKE_SITES = ["pv_standard", "native_thick", "cone_beam"]
-DEFAULT_SWEEP = {"noise": [25.0, 50.0]}
-"""The default phantom's severity sweep (noise std in HU on top of pv_standard)."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="studies/domain_shift.py", description=__doc__.splitlines()[0])
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=None, metavar="AXIS=V1,V2",
                    help="severity sweep sites of the generated phantom (default noise=25,50; 'none' for none)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per cell (default: the recipe's)")
+    add_budget_flags(p)  # --budgets B1,B2 (each arm at each budget, as ARM@B) and --reference ARM
     p.add_argument("--config", type=Path, help="base YAML config (default: the demo / smoke recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every cell")
     p.add_argument("--max-concurrent-trials", type=int, default=1)
@@ -108,7 +114,11 @@ class Plan:
     arm_sources: dict[str, str] = field(default_factory=dict)
     """Where each arm's settings came from (default recipe, --arms-file, --from-study)."""
     arm_rows: list[dict[str, str]] = field(default_factory=list)
-    """``studies.shift_arms.describe_arms``: each arm's source and resolved differences from plain."""
+    """``studies.shift_arms.describe_arms``: each arm's source and resolved differences from the reference."""
+    budgets: list[int] = field(default_factory=list)
+    """``--budgets`` (iterations); empty: none, and ``arms`` keep their names (else ``ARM@B``)."""
+    reference: str = "plain"
+    """``--reference``: the arm the paired differences are taken to (with budgets, at the same budget)."""
 
 
 def parse_seeds(text: str | None, smoke: bool) -> list[int]:
@@ -128,23 +138,6 @@ def parse_seeds(text: str | None, smoke: bool) -> list[int]:
     return values
 
 
-def sweep_spec(args: argparse.Namespace) -> dict[str, list[Any]]:
-    from dualssl.data.phantom.sweeps import parse_sweep_spec
-
-    if args.sweep is None:
-        return {} if args.smoke_test else dict(DEFAULT_SWEEP)
-    if args.sweep == ["none"]:
-        return {}
-    out: dict[str, list[Any]] = {}
-    for spec in args.sweep:
-        try:
-            axis, values = parse_sweep_spec(spec)
-        except ValueError as exc:
-            raise ConfigError(f"--sweep {spec}: {exc}") from exc
-        out[axis] = values
-    return out
-
-
 STUDY_DEFAULTS = {"eval.val_every": 2, "optim.steps_per_epoch": 10}
 """On top of the demo recipe: 100 steps a cell and whole-volume validation every other epoch (the best
 epoch is chosen among those, the same for every arm), which keeps the default study of 6 cells within
@@ -162,18 +155,6 @@ def base_config(args: argparse.Namespace) -> Config:
         cfg.optim.epochs = args.epochs
     cfg.with_overrides(args.set)
     return cfg.validate()
-
-
-def dataset_sites(root: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """(sites of the dataset, sweep records of dataset.json by site)."""
-    from dualssl.data.datalist import load_datalist
-
-    sites = sorted({c.site for c in load_datalist(root)})
-    sweeps: dict[str, dict[str, Any]] = {}
-    meta = root / "dataset.json" if root.is_dir() else None
-    if meta is not None and meta.is_file():
-        sweeps = json.loads(meta.read_text()).get("sweeps", {}) or {}
-    return sites, sweeps
 
 
 def make_cells(arms: dict[str, dict[str, Any]], seeds: list[int], sources: list[str]) -> list[dict[str, Any]]:
@@ -254,43 +235,28 @@ def prepare(args: argparse.Namespace) -> Plan:
             found = verify_dataset(args.data.expanduser().resolve(), [source], val_fraction=cfg.data.val_fraction,
                                    split_seed=cfg.data.split_seed, workers=min(8, os.cpu_count() or 1))
             problems.extend(str(p) for p in found if p.fatal and str(p) not in problems)
+    problems.extend(budget_problems(args, cfg, list(arms or {})))
     if problems:
         raise StudyError(problems)
     if cfg.data.cache_dir and not os.path.isabs(os.path.expanduser(cfg.data.cache_dir)):
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
-    plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps)
+    budgets = parse_budgets(args.budgets)
+    arms, sources_of_arms = expand_arms(arms, sources_of_arms, budgets, cfg.optim.steps_per_epoch)
+    plan = Plan(storage, study_dir, experiment, cfg, arms, seeds, sources, sweeps, budgets=budgets,
+                reference=reference_arm(args))
     plan.cells = make_cells(arms, seeds, sources)
     plan.arm_sources = sources_of_arms
     try:
-        plan.arm_rows = describe_arms(cfg, arms, sources_of_arms)
+        plan.arm_rows = describe_budget_arms(cfg, arms, sources_of_arms, budgets, plan.reference)
     except ConfigError as exc:
         raise StudyError([f"--arms: {exc}"]) from exc
     return plan
-
-
-def ensure_data(args: argparse.Namespace, plan: Plan) -> Path:
-    if args.data is not None:
-        return args.data.expanduser().resolve()
-    from dualssl.data.phantom import generate_dataset
-    from dualssl.data.phantom.sweeps import sweep_name
-
-    root = plan.study_dir / "phantom"
-    if not (root / "dataset.json").is_file():
-        base = SMOKE_SITES if args.smoke_test else PHANTOM_SITES
-        sweeps = [sweep_name(axis, v) for axis, values in plan.sweeps.items() for v in values]
-        print(f"[domain-shift] generating the phantom ({len(base)} sites + {len(sweeps)} sweep sites) in {root}",
-              flush=True)
-        generate_dataset(root, sites=[*base, *sweeps], cases_per_site=4 if args.smoke_test else 5, seed=0,
-                         scale=0.3, workers=max(1, min(4, os.cpu_count() or 1)), progress=True)
-    return root
 
 
 def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    from dualssl.report import write_report
-    from dualssl.stats import read_cases
     from studies import trainable as trainable_mod
     from studies.shift_table import CASE_COLUMNS, collect, write_csv
     from studies.pending_writes import JOURNAL_NAME
@@ -312,7 +278,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     if not args.skip_resource_check:
         check_resources(resources, ray.cluster_resources(), cluster_nodes())
     # 3b. Before any cell: fingerprint, --plan auto, every cell's cases preprocessed once (studies/preprocess.py).
-    from studies.preprocess import add_fingerprint_section, cell_configs, log_to_parent, prepare_data
+    from studies.preprocess import cell_configs, log_to_parent, prepare_data
 
     data_pass = prepare_data(cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb,
                              cell_configs=cell_configs(cfg, plan.cells), source_sets=[[s] for s in plan.source_sites])
@@ -320,23 +286,27 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{plan.storage}/{plan.experiment}/train_runs",
         selection="source-val", max_failures=args.max_failures)
+    length = (f"budgets {', '.join(map(str, plan.budgets))} iterations" if plan.budgets
+              else f"{cfg.optim.epochs} epochs")
     print(f"[domain-shift] {plan.experiment}: {len(plan.cells)} cells = {len(plan.arms)} arms "
           f"({', '.join(plan.arms)}) x {len(plan.seeds)} seeds x {len(plan.source_sites)} source site(s); "
-          f"{cfg.optim.epochs} epochs; {resources.max_concurrent_trials} at a time", flush=True)
+          f"{length}; {resources.max_concurrent_trials} at a time", flush=True)
 
     # 4. MLflow parent run (reopened on --resume).
     manifest_path = plan.study_dir / "study.json"
     previous = json.loads(manifest_path.read_text()) if args.resume and manifest_path.is_file() else {}
     tags = {"study": plan.experiment, "role": "domain-shift study", "selection": "source-val",
             "git_revision": git_revision(), "arms": ",".join(plan.arms), "seeds": ",".join(map(str, plan.seeds)),
-            "source_sites": ",".join(plan.source_sites)}
+            "source_sites": ",".join(plan.source_sites), "reference": plan.reference,
+            "budgets": ",".join(map(str, plan.budgets)) or "none"}
     parent = start_parent_run(tracking_uri, plan.experiment, f"domain-shift-{plan.experiment}", tags,
-                              {"cells": len(plan.cells), **{f"arm.{a}": json.dumps(v) for a, v in plan.arms.items()},
+                              {"cells": len(plan.cells), **{arm_param(a): json.dumps(v) for a, v in plan.arms.items()},
                                **asdict(resources)}, run_id=previous.get("parent_run_id"))
     manifest = {"experiment": plan.experiment, "storage": plan.storage, "study_dir": str(plan.study_dir),
                 "tracking_uri": tracking_uri, "parent_run_id": parent, "arms": plan.arms, "seeds": plan.seeds,
                 "source_sites": plan.source_sites, "data_root": cfg.data.root, "sweeps": sweeps,
-                "resources": asdict(resources), "kind": "domain-shift", "arms_provenance": plan.arm_rows}
+                "resources": asdict(resources), "kind": "domain-shift", "arms_provenance": plan.arm_rows,
+                "budgets": plan.budgets, "reference": plan.reference}
     manifest.update(plan=data_pass.plan, cache_dirs=data_pass.cache_dirs)
     log_to_parent(tracking_uri, parent, data_pass)
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
@@ -375,51 +345,20 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     done = [c for c in cells if c["status"] == "completed"]
     failed = [c for c in cells if c["status"] != "completed"]
 
-    # 7. Statistics and the report (on the unseen sites' every case; see the module docstring).
-    summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells,
-                               "wall_time_s": time.time() - started}
-    paths = None
-    if cases:
-        meta = {"data": cfg.data.root + (" (the procedural phantom: a test fixture, not evidence about real "
-                                         "hospitals)" if args.data is None else ""),
-                "source sites": plan.source_sites, "arms": list(plan.arms),
-                "seeds": plan.seeds, "cells": f"{len(done)} of {len(cells)} finished" + (
-                    f" (did not finish: {', '.join(c['cell'] for c in failed)})" if failed else ""),
-                "epochs": cfg.optim.epochs,
-                "selection": "best epoch on source validation (no unseen-site data)",
-                "unseen cases": "every case of each unseen site (selection and report parts)",
-                "wall_time_s": round(time.time() - started)}
-        paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
-                             meta, n_boot=args.n_boot, arms_info=plan.arm_rows, failed_cells=failed,
-                             total_cells=len(cells))
-        add_fingerprint_section(paths["markdown"], data_pass)
-        summary["report"] = {k: str(v) for k, v in paths.items()}
-    _log_parent(tracking_uri, parent, plan.study_dir, paths, failed, len(cells))
-    if cases and "pooled_csv" in summary.get("report", {}):
-        from studies.shift_console import report_headline
+    # 7. Statistics and the report (on the unseen sites' every case; see the module docstring), with
+    # each arm's budget and wall time; with --budgets one report per budget (studies/shift_report.py).
+    from studies.shift_report import log_parent, write_study_report
 
-        summary["headline"] = report_headline(summary["report"], cases, args.data is None)
+    summary: dict[str, Any] = {"study_dir": str(plan.study_dir), "tracking_uri": tracking_uri, "cells": cells}
+    written = write_study_report(plan, cases_csv, cases, cells, n_boot=args.n_boot, phantom=args.data is None,
+                                 data_root=cfg.data.root, data_pass=data_pass, started=started)
+    summary.update({k: v for k, v in written.items() if k != "paths"})
+    log_parent(tracking_uri, parent, plan.study_dir, written["paths"], failed, len(cells))
     summary["wall_time_s"] = time.time() - started
     manifest.update(wall_time_s=summary["wall_time_s"], cells_done=len(done),
                     cells_failed=[{k: c.get(k) for k in ("cell", "status", "error")} for c in failed])
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return summary
-
-
-def _log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path] | None,
-                failed: list[dict[str, Any]], total: int) -> None:
-    """The study's tables and report on the MLflow parent run, and which cells did not finish (tags
-    ``cells_failed`` / ``failed_cells``, the latter naming them; ``cells.csv`` holds their errors)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    client.set_tag(parent, "cells_failed", f"{len(failed)} of {total}")
-    client.set_tag(parent, "failed_cells", ", ".join(c["cell"] for c in failed)[:4000] or "none")
-    for name in ("cases.csv", "cells.csv"):
-        if (study_dir / name).is_file():
-            client.log_artifact(parent, str(study_dir / name))
-    if paths is not None:
-        client.log_artifacts(parent, str(paths["markdown"].parent), artifact_path="report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report:       {report.get('html', '(none: no cell finished)')}")
     if "markdown" in report:
         print(f"              {report['markdown']}")
+    for budget, html in summary.get("budget_reports", {}).items():
+        print(f"  budget {budget}: {html}")
     print(f"MLflow UI:    mlflow ui --backend-store-uri {summary['tracking_uri']}")
     print(f"Study folder: {summary['study_dir']}  (wall time {summary['wall_time_s']:.0f} s)")
     return 0 if done == len(summary["cells"]) else 1

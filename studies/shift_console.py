@@ -144,7 +144,7 @@ def headline(pooled: Sequence[Mapping[str, str]], paired: Sequence[Mapping[str, 
     (pooled rows: no ``site``); ``cases``: the study's unseen-site per-case rows (``cases.csv``).
     """
     diffs = {r["arm"]: r for r in paired if not r.get("site")}
-    out = [f"{'arm':<14} {'cases':>5}  {'Dice [95% CI]':<22} {'Δ vs ' + reference + ' [95% CI]':<26} {'p':>7}  "
+    out = [f"{'arm':<16} {'cases':>5}  {'Dice [95% CI]':<22} {'Δ vs ' + reference + ' [95% CI]':<26} {'p':>7}  "
            f"{'HD95 pen. mm':>12} {'HD95 mm':>8} {'n_missed':>8}"]
     for r in pooled:
         arm = r["arm"]
@@ -159,23 +159,40 @@ def headline(pooled: Sequence[Mapping[str, str]], paired: Sequence[Mapping[str, 
         dtext = (f"{_num(_get(d, 'mean_diff'))} [{_num(_get(d, 'ci_low'))}, {_num(_get(d, 'ci_high'))}]"
                  if d else "-")
         p = _get(d, "p_adjusted", "p_value", "p", "p_wilcoxon") if d else math.nan
-        out.append(f"{arm:<14} {r.get('n_cases', '-'):>5}  {ci:<22} {dtext:<26} {_num(p):>7}  "
+        out.append(f"{arm:<16} {r.get('n_cases', '-'):>5}  {ci:<22} {dtext:<26} {_num(p):>7}  "
                    f"{_num(mean(pen), 2):>12} {_num(mean(found), 2):>8} {missed:>8}")
     return out
 
 
-def report_headline(report: Mapping[str, str], cases: Sequence[Mapping[str, Any]], phantom: bool) -> list[str]:
-    """:func:`headline` from the report's CSVs (``pooled_csv``, ``paired_csv`` paths) and the study's
-    per-case rows (unseen sites, no sweep rows), under a title."""
+def _read(report: Mapping[str, Any], key: str, budget: int | None = None) -> list[dict[str, str]]:
+    """Rows of one of the report's CSVs (none when absent); with ``budget``, arms renamed ``ARM@B``."""
     import csv
 
-    def read(key: str) -> list[dict[str, str]]:
-        if key not in report:
-            return []
-        with open(report[key], newline="") as fh:
-            return list(csv.DictReader(fh))
+    if key not in report:
+        return []
+    with open(report[key], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return rows if budget is None else [{**r, "arm": f"{r['arm']}@{budget}"} for r in rows]
 
-    title = "\nUnseen sites, pooled over source sites, seeds and cases" + (
+
+def _title(phantom: bool) -> str:
+    return "\nUnseen sites, pooled over source sites, seeds and cases" + (
         " (phantom numbers: a test fixture, not evidence about real hospitals)" if phantom else "") + ":"
+
+
+def report_headline(report: Mapping[str, str], cases: Sequence[Mapping[str, Any]], phantom: bool,
+                    reference: str = "plain") -> list[str]:
+    """:func:`headline` from the report's CSVs (``pooled_csv``, ``paired_csv`` paths) and the study's
+    per-case rows (unseen sites, no sweep rows), under a title."""
     unseen = [c for c in cases if c.get("role") == "unseen" and not c.get("axis")]
-    return [title, *headline(read("pooled_csv"), read("paired_csv"), unseen)]
+    return [_title(phantom), *headline(_read(report, "pooled_csv"), _read(report, "paired_csv"), unseen, reference)]
+
+
+def budget_headline(reports: Mapping[int, Mapping[str, Any]], cases: Sequence[Mapping[str, Any]], phantom: bool,
+                    reference: str = "plain") -> list[str]:
+    """:func:`headline` of a budgeted study: one line per ``ARM@B`` from each budget's report
+    (``{budget: its paths}``), the difference to ``reference`` at the same budget."""
+    pooled = [r for b, paths in reports.items() for r in _read(paths, "pooled_csv", b)]
+    paired = [r for b, paths in reports.items() for r in _read(paths, "paired_csv", b)]
+    unseen = [c for c in cases if c.get("role") == "unseen" and not c.get("axis")]
+    return [_title(phantom), *headline(pooled, paired, unseen, f"{reference}@B")]

@@ -7,15 +7,22 @@ their selection part) with the cell's arm, seed and source site, the case's role
 rows are repeated as each sweep axis' severity 0 (``part`` = ``severity-0``). ``hd95``/``asd`` are NaN
 for a missed case (``missed`` = 1: empty prediction, non-empty label); ``hd95_penalised`` /
 ``asd_penalised`` count it as the case's worst distance (``dualssl.evaluation.metrics.penalised_distances``).
+
+``cells.csv`` has one row per cell: its status and selection numbers, and its budget (:func:`budget_columns`):
+``budget`` (the ``--budgets`` label, empty without), ``budget_iterations``, ``batch_size`` (patches per
+step), ``patch_size``, ``patch_voxels``, ``wall_s`` and ``system`` (an nnU-Net cell: its own plan's patch
+and batch, from the cell's ``trial.json``).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from dualssl.config import Config
 from dualssl.data.phantom.sweeps import severity_zero_rows
 
 CASE_COLUMNS = ("arm", "seed", "source_site", "site", "case_id", "role", "part", "axis", "severity",
@@ -59,6 +66,39 @@ def case_rows(folder: Path, cell: dict[str, Any], trial_id: str, sweeps: dict[st
     return rows + severity_zero_rows(rows, sweeps)  # the base site's own cases: each curve's severity 0
 
 
+def budget_columns(cfg: Config, settings: Any, metrics: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """A cell's budget for ``cells.csv``.
+
+    Our engine: ``optim.epochs x optim.steps_per_epoch`` iterations (NaN for one loader pass an epoch),
+    ``data.batch_size x data.samples_per_volume x workers`` patches a step (DDP: every worker steps its
+    own batch), ``data.patch_size``. An nnU-Net cell (``settings.peer``): the iterations it trained
+    (whole epochs of ``iterations_per_epoch``), its plan's batch and patch from the cell's ``trial.json``
+    (unknown when the cell did not finish). ``wall_s``: Tune's ``time_total_s`` of the trial, else the
+    trainable's own timing.
+    """
+    spe = cfg.optim.steps_per_epoch
+    iterations = cfg.optim.epochs * spe if spe > 0 else math.nan
+    wall = next((float(metrics[k]) for k in ("time_total_s", "time/trial_s", "time/total_s") if k in metrics),
+                math.nan)
+    row = {"budget": settings.budget or "", "budget_iterations": iterations, "wall_s": wall}
+    if not settings.peer:
+        patch = [int(p) for p in cfg.data.patch_size]
+        batch = cfg.data.batch_size * cfg.data.samples_per_volume * settings.workers
+        return {**row, "batch_size": batch, "patch_size": "x".join(map(str, patch)),
+                "patch_voxels": math.prod(patch), "system": "dualssl engine"}
+    info = {}
+    if folder is not None and (folder / "trial.json").is_file():
+        info = json.loads((folder / "trial.json").read_text())
+    peer = info.get("settings", {})
+    if peer.get("iterations") and peer.get("iterations_per_epoch"):
+        per_epoch = int(peer["iterations_per_epoch"])
+        row["budget_iterations"] = math.ceil(int(peer["iterations"]) / per_epoch) * per_epoch
+    patch = [int(p) for p in info.get("patch_size") or []]
+    return {**row, "batch_size": info.get("batch_size", math.nan), "patch_size": "x".join(map(str, patch)),
+            "patch_voxels": math.prod(patch) if patch else math.nan,
+            "system": f"{settings.peer}: " + info.get("plan_label", "nnU-Net pipeline, plan unknown (did not finish)")}
+
+
 def collect(grid, study_dir: Path, sweeps: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(per-case rows of every finished cell, one status row per cell)."""
     from studies.trainable import FINAL_KEY, split_config
@@ -79,9 +119,11 @@ def collect(grid, study_dir: Path, sweeps: dict[str, dict[str, Any]]) -> tuple[l
                "error": _error_line(result.error)}
         cells.append(row)
         if row["status"] != "completed" or result.checkpoint is None:
+            row.update(budget_columns(cfg, settings, metrics, None))
             continue
         folder = study_dir / "cells" / settings.cell
         result.checkpoint.to_directory(str(folder))
+        row.update(budget_columns(cfg, settings, metrics, folder))
         cases.extend(case_rows(folder, cell, trial_id, sweeps, cfg.data.source_sites))
     return cases, cells
 

@@ -67,6 +67,9 @@ class TrialSettings:
     ``dualssl.recipes.PEER_ARMS``); empty: our engine. See ``studies/peer_cell.py``."""
     peer_plan: str = "auto"
     """A peer cell's plan: 'capped' (CPU-sized), 'full', or 'auto' (capped without a GPU, else full)."""
+    budget: int = 0
+    """Label of the cell's training budget in iterations (``domain_shift.py --budgets``; an MLflow tag
+    ``budget``); 0: none. A label only: the budget's ``optim.epochs`` goes in ``overrides``."""
 
 
 class TrialTorchTrainer(TorchTrainer):
@@ -87,8 +90,8 @@ class TrialTorchTrainer(TorchTrainer):
         return [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
 
 
-_LABELS = ("study.arm", "study.cell", "study.peer", "study.peer_plan")
-"""study.* keys allowed inside ``study.overrides`` (labels of the cell, and a peer arm's system)."""
+_LABELS = ("study.arm", "study.cell", "study.peer", "study.peer_plan", "study.budget")
+"""study.* keys allowed inside ``study.overrides`` (labels of the cell and its budget, and a peer arm's system)."""
 
 
 def _set_setting(settings: TrialSettings, key: str, value: Any) -> None:
@@ -151,6 +154,8 @@ def cell_tags(cfg: Config, settings: TrialSettings) -> dict[str, str]:
         tags["arm"] = settings.arm
     if settings.cell:
         tags["cell"] = settings.cell
+    if settings.budget:
+        tags["budget"] = str(settings.budget)
     return tags
 
 

@@ -65,7 +65,7 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
                  meta: Mapping[str, Any] | None = None, *, reference: str = "plain", metric: str = "dice",
                  n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed",
                  arms_info: Sequence[Mapping[str, str]] = (), failed_cells: Sequence[Mapping[str, Any]] = (),
-                 total_cells: int | None = None) -> dict[str, Path]:
+                 total_cells: int | None = None, extra_sections: Sequence[Section] = ()) -> dict[str, Path]:
     """Write the study report into ``out_dir`` and return its files by name.
 
     Always: ``markdown`` (report.md), ``html`` (report.html, self-contained), ``summary_png``,
@@ -86,6 +86,7 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         arms_info: ``studies.shift_arms.describe_arms`` rows (arm, settings_from, differences): an "Arms" section.
         failed_cells: cells that did not finish (cell, arm, seed, source_site, status, error), named in
             their own section; out of ``total_cells``.
+        extra_sections: sections of the study (e.g. ``study_sections.budget_section``), after "Arms".
     """
     rows = as_rows(rows)
     out = Path(out_dir)
@@ -145,6 +146,7 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         doc.sections.append(distances)
     if arms_info:
         doc.sections.append(study_sections.arms_section(arms_info, reference))
+    doc.sections.extend(extra_sections)
     doc.sections.append(Section("Per arm, source site and test site",
                                 "Source-site rows are that site's own validation cases.",
                                 _site_table(site_stats, metric)))

@@ -28,6 +28,8 @@ class Section:
     table: Table | None = None
     figure: Path | None = None
     caption: str = ""
+    links: list[tuple[str, str]] = field(default_factory=list)
+    """(label, href relative to the report's folder), e.g. other reports beside this one."""
 
 
 @dataclass

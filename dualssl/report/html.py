@@ -53,6 +53,9 @@ def render(doc: Document) -> str:
             parts.append(f"<p>{escape(s.text)}</p>")
         if s.table is not None:
             parts.append(table(s.table))
+        if s.links:
+            parts.append("<ul>" + "".join(f'<li><a href="{escape(href)}">{escape(label)}</a></li>'
+                                          for label, href in s.links) + "</ul>")
         if s.figure is not None:
             data = base64.b64encode(s.figure.read_bytes()).decode("ascii")
             alt = escape(s.caption or s.title)

@@ -31,6 +31,8 @@ def render(doc: Document) -> str:
             parts += [s.text, ""]
         if s.table is not None:
             parts += [table(s.table), ""]
+        if s.links:
+            parts += [f"- [{label}]({href})" for label, href in s.links] + [""]
         if s.figure is not None:
             parts += [f"![{s.caption or s.title}]({s.figure.name})", ""]
             if s.caption:

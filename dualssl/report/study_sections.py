@@ -81,3 +81,48 @@ def distance_section(unseen: Sequence[Row], arms: Sequence[str], *, n_boot: int,
                    "misses out and reward an arm that misses the hard cases: read them next to n_missed. "
                    "The penalised variants count a missed (or spurious) case as the diagonal of its image extent "
                    "in mm, the worst distance possible; arms are ranked on HD95 penalised.", table)
+
+
+BUDGET_COLUMNS = ("budget_iterations", "batch_size", "patch_voxels", "wall_s", "system")
+"""What ``cells.csv`` says of each cell's budget (``studies/shift_table.py``): optimizer steps, patches
+per step, voxels per patch, the cell's wall time in seconds and the system that trained it."""
+
+
+def _distinct(values: Sequence[Any]) -> str:
+    """The distinct values of a column, in order, '/'-joined (integers without decimals); '–' if none."""
+    out: list[str] = []
+    for v in values:
+        try:
+            number = float(v)
+            text = "–" if math.isnan(number) else (str(int(number)) if number == int(number) else f"{number:g}")
+        except (TypeError, ValueError):
+            text = str(v) if str(v).strip() else "–"
+        if text not in out:
+            out.append(text)
+    return "/".join(t for t in out if t != "–") or "–"
+
+
+def budget_section(cells: Sequence[Mapping[str, Any]]) -> Section | None:
+    """"Budget and wall time per arm" from ``cells.csv`` rows: each arm's iterations, patches per step,
+    patch voxels, system, and its finished cells' wall time (mean, min, max). None without the columns."""
+    if not cells or not all(c in cells[0] for c in BUDGET_COLUMNS):
+        return None
+    arms = list(dict.fromkeys(str(c["arm"]) for c in cells))
+    body = []
+    for arm in arms:
+        mine = [c for c in cells if str(c["arm"]) == arm]
+        walls = _floats([c for c in mine if c.get("status") == "completed"], "wall_s")
+        walls = walls[~np.isnan(walls)]
+        wall = ([format_number(float(walls.mean()), 0), format_number(float(walls.min()), 0),
+                 format_number(float(walls.max()), 0)] if walls.size else ["–"] * 3)
+        body.append([arm, str(len(mine)), *(_distinct([c[k] for c in mine]) for k in BUDGET_COLUMNS[:3]),
+                     str(int(walls.size)), *wall, _distinct([c["system"] for c in mine])])
+    table = Table(["arm", "cells", "iterations", "patches per step", "patch voxels", "finished",
+                   "wall s (mean)", "wall s (min)", "wall s (max)", "system"], body)
+    return Section("Budget and wall time per arm",
+                   "Iterations = optimizer steps of a cell (nnU-Net: its training iterations, whole epochs); "
+                   "patches per step = training patches in one step over all workers (nnU-Net: its plan's "
+                   "batch size); patch voxels = voxels of one training patch (nnU-Net: its plan's patch). "
+                   "Wall s = a finished cell's wall time (Tune's time_total_s: start-up, training, validation "
+                   "and the evaluation on every site; an nnU-Net cell also plans and preprocesses its data), "
+                   "on the study's machine and resources.", table)
