@@ -68,7 +68,7 @@ def reserve_auth() -> dict[str, str]:
 
 
 @contextmanager
-def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -> Iterator[str]:
+def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 300.0) -> Iterator[str]:
     """Start a Ray head on this machine; yields its address (``127.0.0.1:PORT``)."""
     port, dashboard = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
@@ -89,8 +89,7 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
     try:
         deadline = time.time() + start_timeout_s
         # Ready when its job server answers (the dashboard is up once the GCS and raylet are).
-        while subprocess.run(["ray", "job", "list", f"--address=http://127.0.0.1:{dashboard}"], env=env,
-                             capture_output=True, timeout=60).returncode != 0:
+        while not _answers(dashboard, env):
             if head.poll() is not None or time.time() > deadline:
                 log.seek(0)
                 raise RuntimeError(f"the local Ray head did not start (log {log.name}):\n{log.read()[-2000:]}")
@@ -109,6 +108,16 @@ def local_cluster(num_cpus: int | None = None, start_timeout_s: float = 120.0) -
         stop_group(head)
         forget_head(port)
         log.close()
+
+
+def _answers(dashboard: int, env: dict[str, str]) -> bool:
+    """Whether the head's job server answers; a probe that hangs (a loaded machine: the CLI alone takes
+    tens of seconds to import) counts as not yet, not as a failed start."""
+    try:
+        return subprocess.run(["ray", "job", "list", f"--address=http://127.0.0.1:{dashboard}"], env=env,
+                              capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _die_with(parent: int):

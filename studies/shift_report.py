@@ -54,10 +54,11 @@ def write_study_report(plan: Any, cases_csv: Path, cases: list[dict[str, Any]], 
     meta = report_meta(plan, data_root, phantom, cells, failed, started)
     title = f"Domain shift: {plan.experiment}"
     folder = plan.study_dir / "report"
+    study_wide = peer_sections(plan, cells)
     if plan.budgets:
         paths = write_budget_reports(read_cases(cases_csv), folder, title, meta, plan.budgets,
                                      reference=plan.reference, cells=cells, arms_info=plan.arm_rows,
-                                     failed_cells=failed, n_boot=n_boot)
+                                     failed_cells=failed, n_boot=n_boot, extra_sections=study_wide)
         per_budget = paths.pop("budgets")
         out["budget_reports"] = {b: str(p["html"]) for b, p in per_budget.items()}
         out["headline"] = budget_headline(per_budget, cases, phantom, plan.reference)
@@ -65,13 +66,25 @@ def write_study_report(plan: Any, cases_csv: Path, cases: list[dict[str, Any]], 
         section = budget_section(cells)
         paths = write_report(read_cases(cases_csv), folder, title, meta, n_boot=n_boot, reference=plan.reference,
                              arms_info=plan.arm_rows, failed_cells=failed, total_cells=len(cells),
-                             extra_sections=[section] if section else [])
+                             extra_sections=([section] if section else []) + study_wide)
         if "pooled_csv" in paths:
             out["headline"] = report_headline({k: str(v) for k, v in paths.items()}, cases, phantom, plan.reference)
     add_fingerprint_section(paths["markdown"], data_pass)
     out["paths"] = paths
     out["report"] = {k: str(v) for k, v in paths.items()}
     return out
+
+
+def peer_sections(plan: Any, cells: list[dict[str, Any]]) -> list[Any]:
+    """Why a peer (nnU-Net) arm fails on a site: its fitted CT normalisation against each site's pancreas
+    intensities (``studies/peer_report.py``); none without a finished peer cell."""
+    from studies.peer_report import peer_intensity_sections
+
+    peers = [arm for arm, recipe in plan.arms.items() if recipe.get("study.peer")]
+    if not peers:
+        return []
+    return peer_intensity_sections(f"{plan.storage}/{plan.experiment}/train_runs", cells, peers,
+                                   plan.study_dir / "fingerprint" / "fingerprint.json", plan.cfg.data.hu_window)
 
 
 def log_parent(tracking_uri: str, parent: str, study_dir: Path, paths: dict[str, Path] | None,

@@ -40,7 +40,10 @@ def test_rows_say_which_site_lies_outside_each_pipelines_reach():
     assert rows["cone"]["nnunet_clipped_low_text"] == "> 99.5 %" and rows["cone"]["ours_clipped_low_text"] == "94 %"  # 50 % + 76/78 x 45 %
     section = intensity_section(list(rows.values()), NNUNET, (-100.0, 240.0), "pv")
     native = next(r for r in section.table.rows if r[0] == "native")
-    assert native[3] == "10 %" and native[-1] == "NO / NO"
+    assert native[3] == "10 %" and native[-1] == "no / no" and native[-2] == "yes"  # 15 HU in [10, 111]
+    assert native[2] == f"{(-36 - 70) / 32:+.2f} / {(15 - 70) / 32:+.2f} / {(47 - 70) / 32:+.2f}"  # p5 clipped
+    cone = next(r for r in section.table.rows if r[0] == "cone")
+    assert cone[-2] == "NO"
     assert "between 75 and 79 HU" in section.text and "between 33 and 121 HU" in section.text
 
 

@@ -136,26 +136,61 @@ def test_nnunet_predicts_in_the_input_geometry(nnunet_cell, phantom_root):
 @pytest.mark.slow
 @needs_nnunet
 def test_study_with_an_nnunet_arm_joins_its_rows_and_paired_statistics(phantom_root, tmp_path):
+    """One budgeted study (``--budgets 8 --reference nnunet``: the smoke recipe's 2 x 4 steps) with
+    plain and nnunet: the nnU-Net rows join ours, the paired statistics are plain@8 - nnunet@8, each
+    cell's budget and wall time are in cells.csv and the report, and the report explains nnU-Net's
+    normalisation against each site's pancreas."""
     from dualssl.stats import read_cases
     from dualssl.stats.paired import paired_differences
 
     storage = tmp_path / "studies"
     done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
-                           "--arms", "plain,nnunet", "--seeds", "1", "--data", str(phantom_root),
-                           "--storage-path", str(storage), "--set", f"data.cache_dir={tmp_path / 'cache'}",
-                           "--n-boot", "200", "--workers-per-trial", "1"],
+                           "--arms", "plain,nnunet", "--seeds", "1", "--budgets", "8", "--reference", "nnunet",
+                           "--data", str(phantom_root), "--storage-path", str(storage),
+                           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--n-boot", "200",
+                           "--workers-per-trial", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     study = storage / "dualssl-domain-shift-smoke"
     rows = read_cases(study / "cases.csv")
     unseen = {arm: sorted(r["case_id"] for r in rows if r["arm"] == arm and r["role"] == "unseen")
-              for arm in ("plain", "nnunet")}
-    assert unseen["nnunet"] == unseen["plain"] and len(unseen["nnunet"]) == 10
-    paired = paired_differences([r for r in rows if r["role"] == "unseen"], reference="nnunet", by=("site",),
+              for arm in ("plain@8", "nnunet@8")}
+    assert unseen["nnunet@8"] == unseen["plain@8"] and len(unseen["nnunet@8"]) == 10
+    paired = paired_differences([r for r in rows if r["role"] == "unseen"], reference="nnunet@8", by=("site",),
                                 n_boot=200)
-    assert {(r["arm"], r["site"]) for r in paired} == {("plain", "cone_beam"), ("plain", "native_thick")}
+    assert {(r["arm"], r["site"]) for r in paired} == {("plain@8", "cone_beam"), ("plain@8", "native_thick")}
     assert all(r["n_pairs"] == 5 for r in paired)
+    # the budget report pairs plain - nnunet at that budget, on the very rows above
+    with open(study / "report" / "budget-8" / "paired_differences.csv", newline="") as fh:
+        per_site = {r["site"]: r for r in csv.DictReader(fh) if r.get("site")}
+    for r in paired:
+        assert float(per_site[r["site"]]["mean_diff"]) == pytest.approx(r["mean_diff"], abs=1e-9)
+        assert per_site[r["site"]]["arm"] == "plain" and per_site[r["site"]]["reference"] == "nnunet"
+    # each cell's budget and wall time; nnU-Net's plan from its own plans
+    with open(study / "cells.csv", newline="") as fh:
+        cells = {r["cell"]: r for r in csv.DictReader(fh)}
+    assert sorted(cells) == ["nnunet@8-s0-pv_standard", "plain@8-s0-pv_standard"]
+    ours, peer = cells["plain@8-s0-pv_standard"], cells["nnunet@8-s0-pv_standard"]
+    assert int(ours["budget_iterations"]) == 8 and int(peer["budget_iterations"]) == 8
+    assert ours["system"] == "dualssl engine" and "nnU-Net pipeline, capped plan" in peer["system"]
+    plans = json.loads((study / "cells" / "nnunet@8-s0-pv_standard" / "nnunet_plans.json").read_text())
+    patch = plans["configurations"]["3d_fullres"]["patch_size"]
+    assert int(peer["patch_voxels"]) == int(np.prod(patch)) and float(peer["wall_s"]) > 0
     # nnU-Net's plans and training log are the cell's artifacts
-    cell = study / "cells" / "nnunet-s0-pv_standard"
+    cell = study / "cells" / "nnunet@8-s0-pv_standard"
     assert (cell / "nnunet_plans.json").is_file() and list(cell.glob("nnunet_training_log_*.txt"))
-    assert "nnunet" in (study / "report" / "report.md").read_text()
+    top = (study / "report" / "report.md").read_text()
+    assert "## Budget axis" in top and "## Budget and wall time per arm" in top and "(budget-8/report.html)" in top
+    # the intensity section uses this cell's fitted normalisation
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    assert "## Intensity: where each site's pancreas falls" in top
+    assert f"then (HU - {props['mean']:.0f}) / {props['std']:.0f}" in top
+    manifest = json.loads((study / "study.json").read_text())
+    assert manifest["budgets"] == [8] and manifest["reference"] == "nnunet"
+    import mlflow
+
+    parent = mlflow.MlflowClient(manifest["tracking_uri"]).get_run(manifest["parent_run_id"])
+    assert json.loads(parent.data.params["arm.plain_at_8"])["optim.epochs"] == 2  # MLflow refuses '@' in a name
+    printed = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(printed) if "Δ vs nnunet@B [95% CI]" in line) + 1
+    assert [line.split()[0] for line in printed[start:start + 2]] == ["nnunet@8", "plain@8"]

@@ -1,12 +1,10 @@
 """The domain-shift study's budget axis (``--budgets``, ``--reference``): expansion of the arms, the
-preflight's refusals, a cell's budget in ``cells.csv``, and (slow) a small budgeted study end to end."""
+preflight's refusals and a cell's budget in ``cells.csv`` (end to end: tests/test_nnunet.py's study)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -131,66 +129,5 @@ def test_a_cells_budget_in_cells_csv(tmp_path):
     assert failed["budget_iterations"] == 8 and math.isnan(failed["wall_s"]) and math.isnan(failed["patch_voxels"])
     assert "plan unknown" in failed["system"]
 
-
-# --- end to end: a small budgeted study ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def budget_study(phantom_root, tmp_path_factory):
-    """plain and dual x 1 seed x budgets 4 and 8 iterations (1 and 2 smoke epochs): 4 cells."""
-    tmp_path = tmp_path_factory.mktemp("budget-study")
-    storage = tmp_path / "studies"
-    done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
-                           "--data", str(phantom_root), "--storage-path", str(storage), "--arms", "plain,dual",
-                           "--seeds", "1", "--budgets", "4,8", "--reference", "plain",
-                           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--n-boot", "200",
-                           "--max-concurrent-trials", "2", "--workers-per-trial", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    (tmp_path / "terminal.txt").write_text(done.stdout + done.stderr)
-    return done, storage / "dualssl-domain-shift-smoke"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1000)
-def test_a_budgeted_study_pairs_within_each_budget(budget_study):
-    done, study = budget_study
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    with open(study / "cells.csv", newline="") as fh:
-        cells = {r["cell"]: r for r in csv.DictReader(fh)}
-    assert sorted(cells) == sorted(f"{a}@{b}-s0-pv_standard" for a in ("plain", "dual") for b in (4, 8))
-    for cell in cells.values():
-        budget = int(cell["budget"])
-        assert cell["arm"].endswith(f"@{budget}") and int(cell["budget_iterations"]) == budget
-        assert (int(cell["batch_size"]), int(cell["patch_voxels"]), cell["system"]) == (2, 32 * 32 * 16,
-                                                                                        "dualssl engine")
-        assert float(cell["wall_s"]) > 0
-    with open(study / "cases.csv", newline="") as fh:
-        cases = [r for r in csv.DictReader(fh) if r["role"] == "unseen"]
-    for budget in (4, 8):
-        folder = study / "report" / f"budget-{budget}"
-        assert (folder / "report.html").is_file()
-        with open(folder / "paired_differences.csv", newline="") as fh:
-            pooled = [r for r in csv.DictReader(fh) if not r.get("site")]
-        assert [r["arm"] for r in pooled] == ["dual"]
-        # the pairing is within the budget: dual@B - plain@B on the same cases, computed here by hand
-        dice = {(r["arm"], r["site"], r["case_id"]): float(r["dice"]) for r in cases}
-        diffs = [dice[(f"dual@{budget}", s, c)] - dice[(f"plain@{budget}", s, c)]
-                 for (a, s, c) in dice if a == f"dual@{budget}"]
-        assert int(pooled[0]["n_pairs"]) == len(diffs) == 10
-        assert float(pooled[0]["mean_diff"]) == pytest.approx(sum(diffs) / len(diffs), abs=1e-9)
-        assert "## Budget and wall time per arm" in (folder / "report.md").read_text()
-    top = (study / "report" / "report.md").read_text()
-    assert "## Budget axis" in top and "## Budget and wall time per arm" in top
-    assert "(budget-4/report.html)" in top and (study / "report" / "budget_axis.png").is_file()
-    import mlflow
-
-    manifest = json.loads((study / "study.json").read_text())
-    assert manifest["budgets"] == [4, 8] and manifest["reference"] == "plain"
-    parent = mlflow.MlflowClient(manifest["tracking_uri"]).get_run(manifest["parent_run_id"])
-    assert json.loads(parent.data.params["arm.dual_at_8"])["optim.epochs"] == 2  # MLflow refuses '@' in a name
-    assert parent.data.tags["budgets"] == "4,8"
-    # the terminal's headline: one line per ARM@B under its header, the difference at the same budget
-    printed = done.stdout.splitlines()
-    start = next(i for i, line in enumerate(printed) if "Δ vs plain@B [95% CI]" in line) + 1
-    headline = [line.split()[0] for line in printed[start:start + 4]]
-    assert headline == ["plain@4", "dual@4", "plain@8", "dual@8"]
+# The budget axis end to end (a budgeted study with --reference, an nnU-Net cell's budget columns,
+# the per-budget report, MLflow names and the headline) is tests/test_nnunet.py's study test.

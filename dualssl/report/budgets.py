@@ -144,7 +144,8 @@ def write_budget_reports(rows: Iterable[Mapping[str, Any]], out_dir: str | Path,
                          meta: Mapping[str, Any], budgets: Sequence[int], *, reference: str = "plain",
                          cells: Sequence[Mapping[str, Any]] = (), arms_info: Sequence[Mapping[str, str]] = (),
                          failed_cells: Sequence[Mapping[str, Any]] = (), metric: str = "dice",
-                         n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed") -> dict[str, Any]:
+                         n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed",
+                         extra_sections: Sequence[Section] = ()) -> dict[str, Any]:
     """Write ``budget-B/`` (a full report per budget with rows) and the top-level report into ``out_dir``.
 
     Args:
@@ -153,6 +154,8 @@ def write_budget_reports(rows: Iterable[Mapping[str, Any]], out_dir: str | Path,
         cells: ``cells.csv`` rows (arm ``ARM@B``): the budget and wall-time section, the cell counts.
         arms_info: ``describe_arms`` rows of the ``ARM@B`` arms (differences from ``REF@B``).
         failed_cells: the cells that did not finish.
+        extra_sections: sections of the whole study (fingerprint, intensity), in the top-level report
+            after the arms.
 
     Returns:
         ``markdown``, ``html``, ``axis_csv`` (top level; ``budget_png`` when a budget has unseen rows)
@@ -200,6 +203,7 @@ def write_budget_reports(rows: Iterable[Mapping[str, Any]], out_dir: str | Path,
         doc.sections.append(section)
     if arms_info:
         doc.sections.append(study_sections.arms_section(arms_info, f"{reference}@B"))
+    doc.sections.extend(extra_sections)
     n_seeds = min((r["n_seeds"] for r in axis), default=0)
     if method == "crossed":
         doc.sections.append(Section("How the numbers were computed", methods_note(n_seeds, metric, FAIL_BELOW)))
