@@ -4,17 +4,20 @@
    the per-site table, ``STUDY/fingerprint/fingerprint.{json,csv,png}`` and what differs from the source.
 2. ``--plan auto``: :func:`dualssl.data.plan.plan_from_fingerprint` on the source site's cases sets
    ``data.spacing``, ``data.hu_window`` and ``data.patch_size`` of the config every trial starts from.
-3. :func:`preprocess_pass`: every case a trial reads (source training and validation cases of every
-   cell) goes into the shared cache (``dualssl.data.cache``) by one Ray task per case, spread over
+3. :func:`preprocess_pass`: every case a trial reads or evaluates (source training and validation
+   cases of every cell, and every case of the sites the cells are evaluated on: unseen sites,
+   severity-sweep sites) goes into the shared cache (``dualssl.data.cache``) by one Ray task per case, spread over
    the cluster's CPUs, each task reserving ``num_cpus=1`` and an estimate of its peak memory
    (:func:`task_memory_bytes`), so Ray never packs more scans onto a node than fit. A case whose
    cache file exists is skipped (a second study with the same preprocessing, or a resumed one, writes
    nothing); an edited scan has a new cache key and is preprocessed again. The first failure cancels
    the rest and raises :class:`studies.preflight.StudyError` naming the file: no trial starts.
 
-Trials then find every file in the cache and only read it (``SharedPersistentDataset``).
-Cross-site evaluation still reads the test scans themselves (its predictions go back onto each
-scan's own grid), so test cases are fingerprinted but not cached.
+Trials then find every file in the cache and only read it (``SharedPersistentDataset``), and the
+cross-site evaluation (``studies/crosssite.py``) takes each case's preprocessed image from the same
+file (``dualssl.data.cache.CachedInference``: the cached image and its affine are what
+``inference_transforms`` would compute), so no cell resamples a test scan again; the prediction still
+goes back onto the scan's own grid and is scored against the original label there.
 """
 
 from __future__ import annotations
@@ -131,13 +134,17 @@ def fingerprint_remote(cases: Sequence[Case], out_dir: Path, source: str | None)
 
 
 def trial_cases(cfg: Config, source_sets: Sequence[Sequence[str]]) -> tuple[list[Case], Any]:
-    """Every case a trial reads (training and validation cases of each source-site set), once each,
-    and the dataset's declared label values."""
+    """Every case a trial reads or evaluates, once each, and the dataset's declared label values.
+
+    For each source-site set: its training and validation cases, then every case of the other sites
+    (the cross-site evaluation's report and selection parts, ``studies.crosssite.evaluation_parts``).
+    Test cases are cached with their label like training cases (the same file serves a cell that
+    trains on that site); the evaluation reads only the image from it."""
     info = load_dataset(cfg.data.root)
     seen: dict[str, Case] = {}
     for sources in source_sets:
         split = split_cases(info.cases, list(sources), cfg.data.val_fraction, cfg.data.split_seed)
-        for case in [*split.train, *split.val]:
+        for case in [*split.train, *split.val, *(c for site in sorted(split.test) for c in split.test[site])]:
             seen.setdefault(case.image, case)
     return list(seen.values()), info.label_values
 
