@@ -312,7 +312,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     if not args.skip_resource_check:
         check_resources(resources, ray.cluster_resources(), cluster_nodes())
     # 3b. Before any cell: fingerprint, --plan auto, every cell's cases preprocessed once (studies/preprocess.py).
-    from studies.preprocess import add_fingerprint_section, cell_configs, log_to_parent, prepare_data
+    from studies.preprocess import cell_configs, fingerprint_sections, log_to_parent, prepare_data
 
     data_pass = prepare_data(cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb,
                              cell_configs=cell_configs(cfg, plan.cells), source_sets=[[s] for s in plan.source_sites])
@@ -391,8 +391,8 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 "wall_time_s": round(time.time() - started)}
         paths = write_report(read_cases(cases_csv), plan.study_dir / "report", f"Domain shift: {plan.experiment}",
                              meta, n_boot=args.n_boot, arms_info=plan.arm_rows, failed_cells=failed,
-                             total_cells=len(cells))
-        add_fingerprint_section(paths["markdown"], data_pass)
+                             total_cells=len(cells),
+                             extra_sections=fingerprint_sections(data_pass, plan.study_dir / "report"))
         summary["report"] = {k: str(v) for k, v in paths.items()}
     _log_parent(tracking_uri, parent, plan.study_dir, paths, failed, len(cells))
     if cases and "pooled_csv" in summary.get("report", {}):

@@ -276,24 +276,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fingerprint_sections(data_pass: Any, out_dir: Path) -> list:
+    """The report's "Dataset fingerprint" section (``dualssl.report.document.Section``): the per-site table,
+    what differs from the source site, the per-site figure (copied into ``out_dir``, the report's folder)
+    and what ``--plan auto`` chose; [] when the pass wrote no fingerprint. Phantom numbers describe a
+    test fixture, not real hospitals."""
+    import json
+    import shutil
+
+    from dualssl.data.fingerprint_io import FIGURE_NAME, JSON_NAME, SITE_COLUMNS, site_cells
+    from dualssl.report.document import Section, Table
+
+    folder = Path(data_pass.fingerprint_dir or "")
+    if not (folder / JSON_NAME).is_file():
+        return []
+    fp = json.loads((folder / JSON_NAME).read_text())
+    source = fp.get("source_site")
+    text = (f"Every case read once before any cell started (studies/preprocess.py); medians over each site's "
+            f"cases, intensities in HU inside the body (> {fp.get('body_hu')}) and inside the label. Source site: "
+            f"{source}. Files: fingerprint/fingerprint.json, fingerprint.csv in the study folder.")
+    if data_pass.plan:
+        text += " Planned with --plan auto: " + " ".join(data_pass.plan.get("reasons", []))
+    figure = None
+    if (folder / FIGURE_NAME).is_file():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        figure = Path(shutil.copy(folder / FIGURE_NAME, Path(out_dir) / FIGURE_NAME))
+    table = Table(list(SITE_COLUMNS), site_cells(fp["sites"], fp.get("differences") or {}, source))
+    return [Section("Dataset fingerprint", text, table, figure,
+                    "Per site, one point per case (source site in red): slice thickness, in-plane spacing, "
+                    "label intensity (median, bar p5-p95) and label volume.")]
+
+
 if __name__ == "__main__":
     if __package__ in (None, ""):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
-
-
-def add_fingerprint_section(markdown: Path, data_pass: Any) -> None:
-    """The data pass's fingerprint figure and site differences appended to the report (phantom: a fixture)."""
-    import shutil
-
-    folder = Path(data_pass.fingerprint_dir or "")
-    if not (folder / "fingerprint.png").is_file():
-        return
-    shutil.copy(folder / "fingerprint.png", markdown.parent / "fingerprint.png")
-    lines = ["", "## Dataset fingerprint", "", "![per-site fingerprint](fingerprint.png)", ""]
-    lines += [f"- {site}: {'; '.join(notes) or 'no difference above the tolerances'}"
-              for site, notes in data_pass.differences.items()]
-    if data_pass.plan:
-        lines += ["", "Planned with `--plan auto`:", *[f"- {r}" for r in data_pass.plan["reasons"]]]
-    with markdown.open("a") as fh:
-        fh.write("\n".join(lines) + "\n")

@@ -65,7 +65,7 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
                  meta: Mapping[str, Any] | None = None, *, reference: str = "plain", metric: str = "dice",
                  n_boot: int = DEFAULT_N_BOOT, seed: int = 0, method: str = "crossed",
                  arms_info: Sequence[Mapping[str, str]] = (), failed_cells: Sequence[Mapping[str, Any]] = (),
-                 total_cells: int | None = None) -> dict[str, Path]:
+                 total_cells: int | None = None, extra_sections: Sequence[Section] = ()) -> dict[str, Path]:
     """Write the study report into ``out_dir`` and return its files by name.
 
     Always: ``markdown`` (report.md), ``html`` (report.html, self-contained), ``summary_png``,
@@ -86,6 +86,9 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         arms_info: ``studies.shift_arms.describe_arms`` rows (arm, settings_from, differences): an "Arms" section.
         failed_cells: cells that did not finish (cell, arm, seed, source_site, status, error), named in
             their own section; out of ``total_cells``.
+        extra_sections: sections the study adds after the results (e.g. the dataset fingerprint,
+            ``studies.preprocess.fingerprint_sections``); a figure must lie in ``out_dir`` (the Markdown
+            links it by file name, the HTML embeds it).
     """
     rows = as_rows(rows)
     out = Path(out_dir)
@@ -168,6 +171,7 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
                                     caption="Mean over sources, seeds and cases per severity; bands = 95% CI. "
                                             "Dotted line: severity 0, the base site's own cases (other patients "
                                             "than the sweep's; its validation cases when it is the source)."))
+    doc.sections.extend(extra_sections)
     advice = seed_advice(paired_pool, pooled, reference) if method == "crossed" else ""
     if advice:
         doc.sections.append(Section("How many seeds", advice))
