@@ -82,10 +82,15 @@ class TreeMemory:
         self.peak_bytes, self.peak_processes, self.samples = 0, 0, 0
         self._cpu: dict[tuple[int, int], list[int]] = {}  # (pid, start) -> [baseline ticks, last ticks]
         self._started = _uptime_ticks()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample_cpu(self, pids: list[int]) -> None:
+        with self._lock:
+            self._sample_cpu_locked(pids)
+
+    def _sample_cpu_locked(self, pids: list[int]) -> None:
         for pid in pids:
             got = cpu_ticks(pid)
             if got is None:
@@ -115,8 +120,12 @@ class TreeMemory:
 
     @property
     def cpu_s(self) -> float:
-        """CPU seconds (user + system, every thread) of the tree during the measurement."""
-        return sum(last - base for base, last in self._cpu.values()) / CLOCK_TICKS
+        """CPU seconds (user + system, every thread) of the tree during the measurement (so far, when read
+        before the end: sampled now)."""
+        if not self._stop.is_set():
+            self._sample_cpu(tree(self.root))
+        with self._lock:
+            return sum(last - base for base, last in self._cpu.values()) / CLOCK_TICKS
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()

@@ -47,6 +47,8 @@ class DataPass:
     written: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    """CPU seconds of the preprocessing tasks themselves (``time.process_time`` in each: every thread of its
+    worker while it ran), not Ray's worker start-up and imports."""
     plan: dict[str, Any] | None = None
     fingerprint_dir: str | None = None
     differences: dict[str, list[str]] = field(default_factory=dict)
