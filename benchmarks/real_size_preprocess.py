@@ -242,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         sites = [first, *(site for site in present if site != first)]
         counts = {site: sum(c.site == site for c in cases) for site in sites}
         results.update(sites=sites, cases_per_site=max(counts.values()), data=str(root))
+        try:  # a phantom records its scale in dataset.json; other data: none
+            results["scale"] = json.loads((root / "dataset.json").read_text())["phantom"]["scale"]
+        except (OSError, ValueError, KeyError, TypeError):
+            results["scale"] = None
     unseen = [c for c in cases if c.site != sites[0]]  # what each trial's cross-site evaluation reads
 
     t = time.time()
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_eval:
         test_case = next(c for c in cases if c.site != sites[0])
-        results["eval"] = eval_time(args.eval_config, test_case, f"phantom scale {args.scale:g}, CPU, untrained net",
+        results["eval"] = eval_time(args.eval_config, test_case, f"phantom scale {results['scale']}, CPU, untrained net",
                                     cases, root, args.out / "cache")
         print(f"[bench] evaluation of one test case: {results['eval']}", flush=True)
     results["nih"] = nih(args.nih, args.out / "nih-cache")
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(r: dict) -> str:
-    lines = [f"phantom scale {r['scale']:g}, {len(r['sites'])} sites x {r['cases_per_site']} cases (source "
+    size = f"phantom scale {r['scale']:g}" if r.get("scale") is not None else f"data {r.get('data')}"
+    lines = [f"{size}, {len(r['sites'])} sites x {r['cases_per_site']} cases (source "
              f"{r['sites'][0]}), {r['consumers']} concurrent trial-like processes, {r['cpus']} CPUs "
              "(phantom: a test fixture, not evidence about real hospitals)",
              "| arm | first step of last trial (s) | all trials done (s) | pass tasks CPU s (tree during the pass) | "
