@@ -95,6 +95,8 @@ def evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: s
 
 
 def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: str | None) -> dict[str, Any]:
+    from dualssl.data.cache import CachedInference
+    from dualssl.data.datalist import load_datalist
     from dualssl.engine import load_checkpoint
     from dualssl.evaluation.inference import Predictor
     from dualssl.models import SegmentationNet, build_model
@@ -109,7 +111,9 @@ def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint | str | Path, device: 
     net = build_model(cfg.model)
     net.load_state_dict(state["model"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device)
+    # each case's preprocessed image from the study's cache (written by its one pass), else from the file
+    preprocess = CachedInference(cfg.data, load_datalist(cfg.data.root))
+    predictor = Predictor(SegmentationNet(net).eval(), cfg, device=device, preprocess=preprocess)
     return {**evaluate_predictor(predictor, cfg), "epoch": int(state["epoch"]) - 1}
 
 

@@ -4,17 +4,20 @@
    the per-site table, ``STUDY/fingerprint/fingerprint.{json,csv,png}`` and what differs from the source.
 2. ``--plan auto``: :func:`dualssl.data.plan.plan_from_fingerprint` on the source site's cases sets
    ``data.spacing``, ``data.hu_window`` and ``data.patch_size`` of the config every trial starts from.
-3. :func:`preprocess_pass`: every case a trial reads (source training and validation cases of every
-   cell) goes into the shared cache (``dualssl.data.cache``) by one Ray task per case, spread over
+3. :func:`preprocess_pass`: every case a trial reads or evaluates (source training and validation
+   cases of every cell, and every case of the sites the cells are evaluated on: unseen sites,
+   severity-sweep sites) goes into the shared cache (``dualssl.data.cache``) by one Ray task per case, spread over
    the cluster's CPUs, each task reserving ``num_cpus=1`` and an estimate of its peak memory
    (:func:`task_memory_bytes`), so Ray never packs more scans onto a node than fit. A case whose
    cache file exists is skipped (a second study with the same preprocessing, or a resumed one, writes
    nothing); an edited scan has a new cache key and is preprocessed again. The first failure cancels
    the rest and raises :class:`studies.preflight.StudyError` naming the file: no trial starts.
 
-Trials then find every file in the cache and only read it (``SharedPersistentDataset``).
-Cross-site evaluation still reads the test scans themselves (its predictions go back onto each
-scan's own grid), so test cases are fingerprinted but not cached.
+Trials then find every file in the cache and only read it (``SharedPersistentDataset``), and the
+cross-site evaluation (``studies/crosssite.py``) takes each case's preprocessed image from the same
+file (``dualssl.data.cache.CachedInference``: the cached image and its affine are what
+``inference_transforms`` would compute), so no cell resamples a test scan again; the prediction still
+goes back onto the scan's own grid and is scored against the original label there.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class DataPass:
     written: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    """CPU seconds of the preprocessing tasks themselves (``time.process_time`` in each: every thread of its
+    worker while it ran), not Ray's worker start-up and imports."""
     plan: dict[str, Any] | None = None
     fingerprint_dir: str | None = None
     differences: dict[str, list[str]] = field(default_factory=dict)
@@ -131,13 +136,17 @@ def fingerprint_remote(cases: Sequence[Case], out_dir: Path, source: str | None)
 
 
 def trial_cases(cfg: Config, source_sets: Sequence[Sequence[str]]) -> tuple[list[Case], Any]:
-    """Every case a trial reads (training and validation cases of each source-site set), once each,
-    and the dataset's declared label values."""
+    """Every case a trial reads or evaluates, once each, and the dataset's declared label values.
+
+    For each source-site set: its training and validation cases, then every case of the other sites
+    (the cross-site evaluation's report and selection parts, ``studies.crosssite.evaluation_parts``).
+    Test cases are cached with their label like training cases (the same file serves a cell that
+    trains on that site); the evaluation reads only the image from it."""
     info = load_dataset(cfg.data.root)
     seen: dict[str, Case] = {}
     for sources in source_sets:
         split = split_cases(info.cases, list(sources), cfg.data.val_fraction, cfg.data.split_seed)
-        for case in [*split.train, *split.val]:
+        for case in [*split.train, *split.val, *(c for site in sorted(split.test) for c in split.test[site])]:
             seen.setdefault(case.image, case)
     return list(seen.values()), info.label_values
 
@@ -269,24 +278,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fingerprint_sections(data_pass: Any, out_dir: Path) -> list:
+    """The report's "Dataset fingerprint" section (``dualssl.report.document.Section``): the per-site table,
+    what differs from the source site, the per-site figure (copied into ``out_dir``, the report's folder)
+    and what ``--plan auto`` chose; [] when the pass wrote no fingerprint. Phantom numbers describe a
+    test fixture, not real hospitals."""
+    import json
+    import shutil
+
+    from dualssl.data.fingerprint_io import FIGURE_NAME, JSON_NAME, SITE_COLUMNS, site_cells
+    from dualssl.report.document import Section, Table
+
+    folder = Path(data_pass.fingerprint_dir or "")
+    if not (folder / JSON_NAME).is_file():
+        return []
+    fp = json.loads((folder / JSON_NAME).read_text())
+    source = fp.get("source_site")
+    text = (f"Every case read once before any cell started (studies/preprocess.py); medians over each site's "
+            f"cases, intensities in HU inside the body (> {fp.get('body_hu')}) and inside the label. Source site: "
+            f"{source}. Files: fingerprint/fingerprint.json, fingerprint.csv in the study folder.")
+    if data_pass.plan:
+        text += " Planned with --plan auto: " + " ".join(data_pass.plan.get("reasons", []))
+    figure = None
+    if (folder / FIGURE_NAME).is_file():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        figure = Path(shutil.copy(folder / FIGURE_NAME, Path(out_dir) / FIGURE_NAME))
+    table = Table(list(SITE_COLUMNS), site_cells(fp["sites"], fp.get("differences") or {}, source))
+    return [Section("Dataset fingerprint", text, table, figure,
+                    "Per site, one point per case (source site in red): slice thickness, in-plane spacing, "
+                    "label intensity (median, bar p5-p95) and label volume.")]
+
+
 if __name__ == "__main__":
     if __package__ in (None, ""):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
-
-
-def add_fingerprint_section(markdown: Path, data_pass: Any) -> None:
-    """The data pass's fingerprint figure and site differences appended to the report (phantom: a fixture)."""
-    import shutil
-
-    folder = Path(data_pass.fingerprint_dir or "")
-    if not (folder / "fingerprint.png").is_file():
-        return
-    shutil.copy(folder / "fingerprint.png", markdown.parent / "fingerprint.png")
-    lines = ["", "## Dataset fingerprint", "", "![per-site fingerprint](fingerprint.png)", ""]
-    lines += [f"- {site}: {'; '.join(notes) or 'no difference above the tolerances'}"
-              for site, notes in data_pass.differences.items()]
-    if data_pass.plan:
-        lines += ["", "Planned with `--plan auto`:", *[f"- {r}" for r in data_pass.plan["reasons"]]]
-    with markdown.open("a") as fh:
-        fh.write("\n".join(lines) + "\n")

@@ -44,7 +44,7 @@ def write_study_report(plan: Any, cases_csv: Path, cases: list[dict[str, Any]], 
     from dualssl.report.budgets import write_budget_reports
     from dualssl.report.study_sections import budget_section
     from dualssl.stats import read_cases
-    from studies.preprocess import add_fingerprint_section
+    from studies.preprocess import fingerprint_sections
     from studies.shift_console import budget_headline, report_headline
 
     out: dict[str, Any] = {"paths": None}
@@ -54,7 +54,8 @@ def write_study_report(plan: Any, cases_csv: Path, cases: list[dict[str, Any]], 
     meta = report_meta(plan, data_root, phantom, cells, failed, started)
     title = f"Domain shift: {plan.experiment}"
     folder = plan.study_dir / "report"
-    study_wide = peer_sections(plan, cells)
+    folder.mkdir(parents=True, exist_ok=True)
+    study_wide = fingerprint_sections(data_pass, folder) + peer_sections(plan, cells)
     if plan.budgets:
         paths = write_budget_reports(read_cases(cases_csv), folder, title, meta, plan.budgets,
                                      reference=plan.reference, cells=cells, arms_info=plan.arm_rows,
@@ -69,7 +70,6 @@ def write_study_report(plan: Any, cases_csv: Path, cases: list[dict[str, Any]], 
                              extra_sections=([section] if section else []) + study_wide)
         if "pooled_csv" in paths:
             out["headline"] = report_headline({k: str(v) for k, v in paths.items()}, cases, phantom, plan.reference)
-    add_fingerprint_section(paths["markdown"], data_pass)
     out["paths"] = paths
     out["report"] = {k: str(v) for k, v in paths.items()}
     return out

@@ -191,6 +191,10 @@ def test_smoke_study_gives_one_run_per_cell_and_a_report(smoke_study):
     assert all(float(r["hd95_penalised"]) >= 0 and r["missed"] in ("0", "1") for r in rows)
     html = (study / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "dual" in html and "plain" in html
+    # the data pass's fingerprint: a section of the HTML report (table + figure) and the parent's artifacts
+    assert "<h2>Dataset fingerprint</h2>" in html and "native_thick" in html.split("<h2>Dataset fingerprint</h2>")[1]
+    assert {"fingerprint/fingerprint.json", "fingerprint/fingerprint.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "fingerprint")}
 
 
 @pytest.mark.slow

@@ -84,26 +84,40 @@ def dataset(phantom_root, tmp_path) -> Path:
     return root
 
 
-def _source_cases(root: Path) -> list:
+def _source_split(root: Path):
     from dualssl.config import Config
     from dualssl.data.datalist import load_datalist, split_cases
 
     cfg = Config()
-    split = split_cases(load_datalist(root), cfg.data.source_sites, 0.4, cfg.data.split_seed)
+    return split_cases(load_datalist(root), cfg.data.source_sites, 0.4, cfg.data.split_seed)
+
+
+def _source_cases(root: Path) -> list:
+    split = _source_split(root)
     return split.train + split.val
+
+
+def _evaluated_cases(root: Path) -> list:
+    """The cases a trial's cross-site evaluation reads besides its source validation cases (every
+    case of the other sites)."""
+    split = _source_split(root)
+    return [c for site in sorted(split.test) for c in split.test[site]]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_one_pass_writes_each_case_once_and_a_study_then_only_reads(dataset, tmp_path):
     storage = tmp_path / "studies"
-    cases = _source_cases(dataset)
-    edited = cases[0].image
+    source = _source_cases(dataset)
+    unseen = _evaluated_cases(dataset)
+    cases = source + unseen  # every case a trial reads or evaluates
+    edited = source[0].image
     out = tmp_path / "passes.json"
     done = _run(PASS_SCRIPT, str(dataset), str(storage), str(out), "3", edited)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first, second, third = json.loads(out.read_text())
-    # pass 1: one file per case a trial reads (the source site's training and validation cases), no temp files
+    # pass 1: one file per case a trial reads (the source site's training and validation cases) or
+    # evaluates (every case of the unseen sites), no temp files
     assert first["cases"] == len(cases) and first["written"] == len(cases)
     assert len(first["files"]) == len(cases) and all(n.endswith(".pt") for n in first["files"])
     # pass 2: nothing written, every file untouched
@@ -113,7 +127,8 @@ def test_one_pass_writes_each_case_once_and_a_study_then_only_reads(dataset, tmp
     assert {k: v for k, v in third["files"].items() if k in first["files"]} == first["files"]
     assert "spacing X,Y,Z" in done.stdout and (storage / "dualssl-smoke" / "fingerprint" / "fingerprint.json").is_file()
 
-    # A whole study on the same cache: its pass writes nothing and its trial reads without writing.
+    # A whole study on the same cache: its pass writes nothing, its trial reads without writing and
+    # its cross-site evaluation takes every case's image from the cache (none from the scan).
     folder = Path(third["folder"])
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     study = subprocess.run([sys.executable, str(REPO / "studies" / "tune.py"), "--smoke-test", "--data", str(dataset),
@@ -127,6 +142,11 @@ def test_one_pass_writes_each_case_once_and_a_study_then_only_reads(dataset, tmp
     trials = json.loads((storage / "reads-cache" / "trials.json").read_text())
     assert trials and all(t.get("status") in ("TERMINATED", "completed", "COMPLETED") for t in trials), trials
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    found = {p.name: json.loads(p.read_text()) for p in (storage / "reads-cache").rglob("*summary.json")}
+    assert {"summary.json", "oracle_summary.json"} <= set(found), sorted(found)
+    n_val = len(source) - len(_source_split(dataset).train)
+    from_cache = sum(found[name]["settings"]["preprocessed_from_cache"] for name in ("summary.json", "oracle_summary.json"))
+    assert from_cache == n_val + len(unseen)
 
 
 @pytest.mark.slow

@@ -54,22 +54,38 @@ def preprocessing_hash(cfg: DataConfig) -> str:
 
 
 def cache_dir_for(cfg: DataConfig) -> Path:
-    """``<cfg.cache_dir or <dataset root>/.dualssl_cache>/<preprocessing hash>``."""
+    """``<cfg.cache_dir or <dataset root>/.dualssl_cache>/<preprocessing hash>`` (creates the base folder)."""
     if cfg.cache_dir:
         base = Path(cfg.cache_dir).expanduser()
     else:
-        if not cfg.root:
-            raise DatasetError("data.root: empty; set the dataset root (or data.cache_dir) to locate the cache")
-        root = Path(cfg.root).expanduser().resolve()
-        folder = root if root.is_dir() else root.parent
+        folder, fallback = _root_bases(cfg)
         base = folder / CACHE_FOLDER
         if not _writable(base):
-            digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-            fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dualssl" / digest
             warnings.warn(f"{folder}: dataset root is not writable; caching preprocessed volumes in "
                           f"{fallback} (set data.cache_dir to a shared folder for several machines)", stacklevel=2)
             base = fallback
     return base / preprocessing_hash(cfg)
+
+
+def _root_bases(cfg: DataConfig) -> tuple[Path, Path]:
+    """(the dataset root's folder, the per-user fallback cache base for a read-only root)."""
+    if not cfg.root:
+        raise DatasetError("data.root: empty; set the dataset root (or data.cache_dir) to locate the cache")
+    root = Path(cfg.root).expanduser().resolve()
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dualssl" / digest
+    return (root if root.is_dir() else root.parent), fallback
+
+
+def cache_dir_candidates(cfg: DataConfig) -> list[Path]:
+    """Where :func:`cache_dir_for` may have put ``cfg``'s cache, without creating anything (for readers)."""
+    if cfg.cache_dir:
+        return [Path(cfg.cache_dir).expanduser() / preprocessing_hash(cfg)]
+    try:
+        folder, fallback = _root_bases(cfg)
+    except DatasetError:
+        return []
+    return [folder / CACHE_FOLDER / preprocessing_hash(cfg), fallback / preprocessing_hash(cfg)]
 
 
 def _writable(path: Path) -> bool:
@@ -197,3 +213,54 @@ def cached_dataset(cases: Sequence[Case], cfg: DataConfig, random_transform: Cal
         cache_dir=folder,
         hash_func=case_key, track_meta=True)
     return base if random_transform is None else _Then(base, random_transform)
+
+
+class CachedInference:
+    """Inference preprocessing that reads a case's image from the study's cache when it is there.
+
+    A drop-in ``preprocess`` for ``dualssl.evaluation.inference.Predictor``: ``{"image": path}`` ->
+    ``{"image": MetaTensor (1, X, Y, Z)}`` float32 in [0, 1] whose ``affine`` locates the preprocessed
+    grid in the file's world space. For a path of one of ``cases`` whose cache file (:func:`cache_file`,
+    the very file the study's one pass and the trials write: image and label preprocessed together)
+    exists in one of :func:`cache_dir_candidates`, the cached image is returned; otherwise the file goes
+    through :func:`dualssl.data.transforms.inference_transforms` as it always did. The image part of
+    :func:`~dualssl.data.transforms.preprocess_transforms` is the same computation as
+    ``inference_transforms`` (the label never moves the image: same reorientation, resampling, body crop
+    from the image, window), so both give the same tensor and affine (``tests/test_cached_inference.py``).
+    Never writes: an uncached case is preprocessed in memory, as before.
+
+    ``hits`` and ``misses`` count the calls served from the cache and from the file.
+    """
+
+    def __init__(self, cfg: DataConfig, cases: Sequence[Case]) -> None:
+        self.cfg = cfg
+        self.folders = cache_dir_candidates(cfg)
+        self.cases = {os.path.abspath(str(c.image)): c for c in cases}
+        self.hits = self.misses = 0
+        self._transforms: Callable | None = None
+
+    def cached_path(self, image: str | Path) -> Path | None:
+        """The existing cache file of ``image``'s case, or None."""
+        case = self.cases.get(os.path.abspath(str(image)))
+        if case is None:
+            return None
+        for folder in self.folders:
+            path = cache_file(case, folder)
+            if path.is_file():
+                return path
+        return None
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        path = self.cached_path(data["image"])
+        if path is not None:
+            try:
+                item = torch.load(path, weights_only=True)
+                self.hits += 1
+                return {**data, "image": item["image"]}
+            except (UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError) as exc:
+                warnings.warn(f"{path}: unreadable cache file ({exc}); preprocessing {data['image']} again",
+                              stacklevel=2)
+        if self._transforms is None:
+            self._transforms = T.inference_transforms(self.cfg)
+        self.misses += 1
+        return self._transforms(data)

@@ -45,6 +45,31 @@ def site_table(summary: dict[str, dict[str, Any]], differences: dict[str, list[s
     return "\n".join(lines)
 
 
+SITE_COLUMNS = ["site", "cases", "spacing X,Y,Z mm (median)", "slice mm p10-p90", "shape X,Y,Z (median)",
+                "orientation", "dtype", "body HU p50", "label HU p0.5/p50/p99.5", "label ml (median)",
+                "differs from the source in"]
+
+
+def site_cells(summary: dict[str, dict[str, Any]], differences: dict[str, list[str]] | None = None,
+               source: str | None = None) -> list[list[str]]:
+    """The per-site numbers of :func:`site_table` as rows of text cells (columns :data:`SITE_COLUMNS`),
+    for a report table; the source site's last cell says it is the source."""
+    rows = []
+    for site, s in summary.items():
+        fg = s["foreground_percentiles"]
+        notes = (differences or {}).get(site)
+        rows.append([site, str(s["count"]), ", ".join(_num(d["median"]) for d in s["spacing"]),
+                     f"{_num(s['slice_thickness']['p10'], 1)}-{_num(s['slice_thickness']['p90'], 1)}",
+                     " x ".join(str(int(d["median"])) if not math.isnan(d["median"]) else "nan" for d in s["shape"]),
+                     "/".join(s["orientation"]), "/".join(s["dtype"]), _num(s["body_percentiles"]["p50"], 0),
+                     f"{_num(fg['p0.5'], 0)} / {_num(fg['p50'], 0)} / {_num(fg['p99.5'], 0)}",
+                     _num(s["label_ml"]["median"], 1),
+                     "(source site)" if site == source else ("; ".join(notes) if notes else
+                                                             "nothing above the tolerances" if notes is not None
+                                                             else "–")])
+    return rows
+
+
 def write_fingerprint(out_dir: str | Path, rows: Sequence[CaseFingerprint], summary: dict[str, dict[str, Any]],
                       differences: dict[str, list[str]] | None = None, source: str | None = None,
                       figure: bool = True) -> dict[str, Path]:

@@ -59,6 +59,12 @@ def _load_label(case: CaseLike, pred: nib.Nifti1Image) -> tuple[np.ndarray, tupl
     return label != 0, spacing  # type: ignore[return-value]
 
 
+def _cache_hits(predictor: Any) -> int | None:
+    """Cases the predictor's preprocessing has read from the study's cache so far (None: it never does)."""
+    hits = getattr(getattr(predictor, "preprocess", None), "hits", None)
+    return hits if isinstance(hits, int) else None
+
+
 def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config, out_dir: str | Path,
                    source_sites: Sequence[str], *, save_predictions: bool = False,
                    meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -84,6 +90,7 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     sources = set(source_sites)
+    hits_before = _cache_hits(predictor)
     for case in tqdm(cases, desc="evaluate", unit="case"):
         start = time.perf_counter()
         pred_img = predictor.predict_file(case.image)
@@ -115,6 +122,8 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[CaseLike], cfg: Config,
         "patch_size": list(cfg.data.patch_size), "spacing": list(cfg.data.spacing),
         "source_sites": list(source_sites), "config_hash": cfg.hash(), **dict(meta or {}),
     }
+    if hits_before is not None:  # a study's evaluation (dualssl.data.cache.CachedInference)
+        summary["settings"]["preprocessed_from_cache"] = _cache_hits(predictor) - hits_before
     write_per_case_csv(rows, out_dir / "per_case.csv")
     write_summary_json(summary, out_dir / "summary.json")
     return summary

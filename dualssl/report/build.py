@@ -86,7 +86,9 @@ def write_report(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, title: 
         arms_info: ``studies.shift_arms.describe_arms`` rows (arm, settings_from, differences): an "Arms" section.
         failed_cells: cells that did not finish (cell, arm, seed, source_site, status, error), named in
             their own section; out of ``total_cells``.
-        extra_sections: sections of the study (e.g. ``study_sections.budget_section``), after "Arms".
+        extra_sections: sections the study adds after "Arms" (e.g. ``study_sections.budget_section``, the
+            dataset fingerprint ``studies.preprocess.fingerprint_sections``); a figure must lie in
+            ``out_dir`` (the Markdown links it by file name, the HTML embeds it).
     """
     rows = as_rows(rows)
     out = Path(out_dir)
