@@ -282,6 +282,8 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
     data_pass = prepare_data(cfg, plan.study_dir, plan=args.plan, memory_gb=args.plan_memory_gb,
                              cell_configs=cell_configs(cfg, plan.cells), source_sets=[[s] for s in plan.source_sites])
+    for cell in plan.cells:  # --plan auto: every cell with the plan of its own source site
+        cell.update(data_pass.cell_overrides(cell["data.source_sites"]))
     settings = trainable_mod.TrialSettings(
         workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
         gpus_per_worker=resources.gpus_per_worker, train_storage=f"{plan.storage}/{plan.experiment}/train_runs",

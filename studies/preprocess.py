@@ -50,6 +50,15 @@ class DataPass:
     """CPU seconds of the preprocessing tasks themselves (``time.process_time`` in each: every thread of its
     worker while it ran), not Ray's worker start-up and imports."""
     plan: dict[str, Any] | None = None
+    """``--plan auto``'s plan of the first source-site set (the base config's)."""
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every source-site set's plan (``{"a,b": plan}``): each cell trains with its own source's plan."""
+
+    def cell_overrides(self, sources: Sequence[str]) -> dict[str, Any]:
+        """The planned config keys of a cell training on ``sources`` ({} without --plan auto)."""
+        p = self.plans.get(",".join(sources))
+        return {} if p is None else {"data.spacing": p["spacing"], "data.hu_window": p["hu_window"],
+                                     "data.patch_size": p["patch_size"]}
     fingerprint_dir: str | None = None
     differences: dict[str, list[str]] = field(default_factory=dict)
 
@@ -181,7 +190,7 @@ def prepare_data(cfg: Config, study_dir: Path, *, plan: str = "none", memory_gb:
     """Steps 1-3 on the driver (connected to Ray), before any trial: fingerprint every case,
     ``--plan auto`` (modifies ``cfg`` and, with the same values, every cell config), preprocess."""
     from dualssl.data.datalist import load_datalist
-    from dualssl.data.plan import DEFAULT_MEMORY_GB, plan_from_fingerprint
+    from dualssl.data.plan import DEFAULT_MEMORY_GB, plans_per_source
 
     source_sets = [list(s) for s in (source_sets or [cfg.data.source_sites])]
     cases = load_datalist(cfg.data.root)
@@ -191,25 +200,27 @@ def prepare_data(cfg: Config, study_dir: Path, *, plan: str = "none", memory_gb:
     cells = [copy.deepcopy(c) for c in (cell_configs or [cfg])]
     if plan == "auto":
         try:
-            planning = copy.deepcopy(cfg)
-            planning.data.source_sites = list(source_sets[0])  # domain shift: the first source site
-            chosen = plan_from_fingerprint(rows, planning, memory_gb=memory_gb or DEFAULT_MEMORY_GB)
+            chosen = plans_per_source(rows, cfg, source_sets, memory_gb=memory_gb or DEFAULT_MEMORY_GB)
         except DatasetError as exc:
             from studies.preflight import StudyError
 
             raise StudyError([str(exc)]) from None
-        print("[study] --plan auto " + "\n[study]   ".join(chosen.reasons), flush=True)
-        chosen.apply(cfg)
-        for c in cells:
-            chosen.apply(c)
-        result.plan = chosen.to_json()
+        for one in chosen.values():
+            print("[study] --plan auto " + "\n[study]   ".join(one.reasons), flush=True)
+        first = next(iter(chosen.values()))
+        first.apply(cfg)
+        for c in cells:  # each cell trains on its own source site(s): their plan
+            chosen.get(",".join(c.data.source_sites), first).apply(c)
+        result.plan = first.to_json()
+        result.plans = {key: one.to_json() for key, one in chosen.items()}
         import json
 
-        (fp_dir / "plan.json").write_text(json.dumps(result.plan, indent=1))
+        (fp_dir / "plan.json").write_text(json.dumps(result.plan if len(chosen) == 1 else result.plans, indent=1))
     for c in cells:
         c.data.root = cfg.data.root
     done = preprocess_pass(cells, source_sets)
-    done.plan, done.fingerprint_dir, done.differences = result.plan, result.fingerprint_dir, differences
+    done.plan, done.plans = result.plan, result.plans
+    done.fingerprint_dir, done.differences = result.fingerprint_dir, differences
     return done
 
 
@@ -297,8 +308,8 @@ def fingerprint_sections(data_pass: Any, out_dir: Path) -> list:
     text = (f"Every case read once before any cell started (studies/preprocess.py); medians over each site's "
             f"cases, intensities in HU inside the body (> {fp.get('body_hu')}) and inside the label. Source site: "
             f"{source}. Files: fingerprint/fingerprint.json, fingerprint.csv in the study folder.")
-    if data_pass.plan:
-        text += " Planned with --plan auto: " + " ".join(data_pass.plan.get("reasons", []))
+    for plan in (data_pass.plans or ({"": data_pass.plan} if data_pass.plan else {})).values():
+        text += " Planned with --plan auto: " + " ".join(plan.get("reasons", []))
     figure = None
     if (folder / FIGURE_NAME).is_file():
         Path(out_dir).mkdir(parents=True, exist_ok=True)

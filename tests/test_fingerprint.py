@@ -134,3 +134,20 @@ def test_cli_fingerprint_and_train_plan_auto(handmade, tmp_path, capsys):
     saved = Config.load(run / "config.yaml")
     assert tuple(saved.data.spacing) == pytest.approx((0.8, 0.8, 3.5)) and tuple(saved.data.hu_window) == (50.0, 149.0)
     assert json.loads((run / "plan.json").read_text())["patch_size"] == list(saved.data.patch_size)
+
+
+def test_plan_auto_plans_each_source_site_of_a_leave_one_site_out_study_from_its_own_cases(handmade):
+    """A cell trains on one source site: it gets that site's plan, not the first source's."""
+    from dualssl.data.plan import plans_per_source
+    from studies.preprocess import DataPass
+
+    rows = fingerprint_cases(load_datalist(handmade))
+    plans = plans_per_source(rows, Config(), [["thick"], ["iso"], ["thick"]], memory_gb=1000.0)
+    assert list(plans) == ["thick", "iso"]
+    assert plans["thick"].spacing == pytest.approx((0.8, 0.8, 3.5)) and plans["thick"].hu_window == (50.0, 149.0)
+    assert plans["iso"].spacing == pytest.approx((1.0, 1.0, 2.0)) and plans["iso"].hu_window == (150.0, 249.0)
+    passed = DataPass(plans={k: p.to_json() for k, p in plans.items()})
+    assert passed.cell_overrides(["iso"]) == {"data.spacing": pytest.approx([1.0, 1.0, 2.0]),
+                                              "data.hu_window": [150.0, 249.0],
+                                              "data.patch_size": list(plans["iso"].patch_size)}
+    assert DataPass().cell_overrides(["iso"]) == {}  # without --plan auto the cells keep the base config

@@ -170,3 +170,20 @@ def plan_from_fingerprint(rows: Sequence[CaseFingerprint], cfg: Config,
 
 def _fmt(v: Sequence[float]) -> str:
     return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+
+def plans_per_source(rows: Sequence[Any], cfg: Config, source_sets: Sequence[Sequence[str]],
+                     memory_gb: float = DEFAULT_MEMORY_GB) -> dict[str, DataPlan]:
+    """One plan per distinct source-site set, each from that set's own cases (nnU-Net plans a dataset
+    from the cases it trains on: a leave-one-site-out study trains on each site in turn).
+
+    Returns ``{",".join(sources): plan}`` in the order first met; ``cfg`` is not changed.
+    """
+    out: dict[str, DataPlan] = {}
+    for sources in source_sets:
+        key = ",".join(sources)
+        if key not in out:
+            planning = Config.from_dict(cfg.to_dict())
+            planning.data.source_sites = list(sources)
+            out[key] = plan_from_fingerprint(rows, planning, memory_gb=memory_gb)
+    return out
