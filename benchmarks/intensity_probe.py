@@ -46,26 +46,23 @@ def dice(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def find_checkpoint(study: Path, cell: str) -> Path:
-    """Our cell's best checkpoint, via the cell's row in cells.csv (its trial id) and the Train runs."""
+    """Our cell's checkpoint at its best epoch: ``train_runs/train_<trial>/epoch_<best>/checkpoint.pt``."""
     import csv
 
     manifest = json.loads((study / "study.json").read_text())
     rows = {r["cell"]: r for r in csv.DictReader((study / "cells.csv").open())}
-    trial = rows[cell]["trial_id"]
-    storage = Path(manifest["storage"]) / manifest["experiment"]
-    found = sorted(storage.glob(f"**/*{trial}*/**/checkpoint_best.pt")) or sorted(
-        storage.glob(f"train_runs/**/{cell}*/**/checkpoint_best.pt"))
-    if not found:
-        found = [p for p in storage.glob("train_runs/**/checkpoint_best.pt") if trial in str(p) or cell in str(p)]
-    if not found:
-        raise FileNotFoundError(f"no checkpoint_best.pt of cell {cell} (trial {trial}) under {storage}")
-    return found[-1]
+    row = rows[cell]
+    path = (Path(manifest["storage"]) / manifest["experiment"] / "train_runs" / f"train_{row['trial_id']}"
+            / f"epoch_{int(row['best_epoch']):04d}" / "checkpoint.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint of cell {cell} at its best epoch")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study", type=Path, required=True)
-    p.add_argument("--nnunet-cell", required=True, help="a finished nnU-Net cell, e.g. nnunet-s0-pv_standard")
+    p.add_argument("--nnunet-cell", default=None, help="a finished nnU-Net cell, e.g. nnunet-s0-pv_standard")
     p.add_argument("--ours-cell", default=None, help="a finished dualssl cell, e.g. plain-s0-pv_standard")
     p.add_argument("--ours-checkpoint", type=Path, default=None, help="instead of --ours-cell: its checkpoint")
     p.add_argument("--sites", default=None, help="comma-separated unseen sites (default: all non-source)")
@@ -87,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     source = manifest["source_sites"][0]
     src_median = fingerprint["sites"][source]["foreground_percentiles"]["p50"]
     train_storage = f"{manifest['storage']}/{manifest['experiment']}/train_runs"
-    folds = sorted((peer_work_dir(train_storage, args.nnunet_cell) / "nnUNet_results").glob("**/fold_0"))
-    systems = {f"nnU-Net ({args.nnunet_cell})": NnunetPredictor(folds[0], mirroring=False)}
+    systems = {}
+    if args.nnunet_cell:
+        folds = sorted((peer_work_dir(train_storage, args.nnunet_cell) / "nnUNet_results").glob("**/fold_0"))
+        systems[f"nnU-Net ({args.nnunet_cell})"] = NnunetPredictor(folds[0], mirroring=False)
     ckpt = args.ours_checkpoint or (find_checkpoint(study, args.ours_cell) if args.ours_cell else None)
     if ckpt is not None:
         model, cfg = load_checkpoint_model(ckpt)
