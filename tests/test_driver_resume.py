@@ -146,7 +146,10 @@ def test_killed_driver_resumes_without_losing_or_redoing_a_trial(phantom_root, t
            "--num-samples", str(NUM_SAMPLES), "--max-concurrent-trials", "1", "--workers-per-trial", "1",
            # ASHA off (no rung before the last epoch): every trial trains to the end, so the one
            # interrupted is the one that resumes, whatever its Dice
-           "--grace-period", "2", "--no-export"]
+           "--grace-period", "2", "--no-export",
+           # one step an epoch (the smoke recipe's 4 teach nothing this test reads): the kill still lands
+           # between trial 2's epoch-0 checkpoint and its end (its last epoch and cross-site evaluation)
+           "--set", "optim.steps_per_epoch=1"]
     first_log, second_log = tmp_path / "first.log", tmp_path / "resumed.log"
     timeline: dict[str, float] = {}
     try:

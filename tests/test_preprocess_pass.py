@@ -1,7 +1,8 @@
 """The study driver's one-pass preprocessing on a real local Ray runtime (a private head, as a study
-starts one): each case written once, a second pass and a whole study write nothing, an edited scan
-is preprocessed again, and a scan that breaks after the preflight stops the study before any trial
-with its file named. Each scenario runs in a fresh interpreter (Ray reads its auth token once)."""
+starts one): each case written once, a second pass writes nothing, an edited scan is preprocessed
+again, and a scan that breaks after the preflight stops the study before any trial with its file
+named. That a whole study's trials only read the cache its pass wrote is checked on the shared smoke
+study (tests/test_study.py). Each scenario runs in a fresh interpreter (Ray reads its auth token once)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,9 @@ def _evaluated_cases(root: Path) -> list:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_one_pass_writes_each_case_once_and_a_study_then_only_reads(dataset, tmp_path):
+def test_one_pass_writes_each_case_once_a_second_writes_nothing_and_an_edit_one(dataset, tmp_path):
+    """A whole study's pass into a fresh cache, and its trials only reading it, are checked on the
+    shared smoke study (tests/test_study.py::test_smoke_study_preprocesses_each_case_once_before_any_trial...)."""
     storage = tmp_path / "studies"
     source = _source_cases(dataset)
     unseen = _evaluated_cases(dataset)
@@ -126,27 +129,6 @@ def test_one_pass_writes_each_case_once_and_a_study_then_only_reads(dataset, tmp
     assert third["written"] == 1 and len(third["files"]) == len(cases) + 1
     assert {k: v for k, v in third["files"].items() if k in first["files"]} == first["files"]
     assert "spacing X,Y,Z" in done.stdout and (storage / "dualssl-smoke" / "fingerprint" / "fingerprint.json").is_file()
-
-    # A whole study on the same cache: its pass writes nothing, its trial reads without writing and
-    # its cross-site evaluation takes every case's image from the cache (none from the scan).
-    folder = Path(third["folder"])
-    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    study = subprocess.run([sys.executable, str(REPO / "studies" / "tune.py"), "--smoke-test", "--data", str(dataset),
-                            "--storage-path", str(storage), "--experiment-name", "reads-cache", "--num-samples", "1",
-                            "--epochs", "1", "--set", f"data.cache_dir={storage}/cache", "--set",
-                            "data.val_fraction=0.4", "--no-export"],
-                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                           timeout=800)
-    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
-    assert f"0 of {len(cases)} case(s) written" in study.stdout
-    trials = json.loads((storage / "reads-cache" / "trials.json").read_text())
-    assert trials and all(t.get("status") in ("TERMINATED", "completed", "COMPLETED") for t in trials), trials
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
-    found = {p.name: json.loads(p.read_text()) for p in (storage / "reads-cache").rglob("*summary.json")}
-    assert {"summary.json", "oracle_summary.json"} <= set(found), sorted(found)
-    n_val = len(source) - len(_source_split(dataset).train)
-    from_cache = sum(found[name]["settings"]["preprocessed_from_cache"] for name in ("summary.json", "oracle_summary.json"))
-    assert from_cache == n_val + len(unseen)
 
 
 @pytest.mark.slow

@@ -124,8 +124,11 @@ def ray_head(tmp_path_factory):
         while time.time() < deadline:
             # Ready once the head accepts a job: `ray job list` answers before the job agent has
             # registered, and a submission then fails with "No available agent to submit job".
-            ready = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
-                                   env=env, capture_output=True, timeout=60)
+            try:
+                ready = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
+                                       env=env, capture_output=True, timeout=60)
+            except subprocess.TimeoutExpired:  # a busy machine: ask again until the deadline
+                continue
             if ready.returncode == 0:
                 break
             time.sleep(3)
@@ -248,6 +251,46 @@ def test_smoke_study_logs_each_trial_once_with_its_cross_site_numbers(smoke_stud
     for m in split:
         assert m["time/startup_workers_s"] > 0 and m["time/startup_setup_s"] > 0
         assert m["time/startup_workers_s"] + m["time/startup_setup_s"] == pytest.approx(m["time/startup_s"])
+
+
+@pytest.mark.slow
+def test_smoke_study_preprocesses_each_case_once_before_any_trial_and_its_trials_only_read(smoke_study, phantom_root):
+    """The driver's one pass (studies/preprocess.py) into the study's fresh cache: one file per case a trial
+    reads or evaluates (the source site's training and validation cases, every unseen case), every file written before the first trial
+    started and none written or touched by the 8 trials (the restarted one included) since.
+    tests/test_preprocess_pass.py checks a second pass and an edited scan."""
+    import re
+
+    from dualssl.data.datalist import load_datalist, split_cases
+
+    done, study, storage = smoke_study["done"], smoke_study["study"], smoke_study["storage"]
+    cfg = Config()
+    split = split_cases(load_datalist(phantom_root), cfg.data.source_sites, 0.4, cfg.data.split_seed)
+    unseen = sum(len(v) for v in split.test.values())  # the cross-site evaluation's cases are cached too
+    cases = len(split.train) + len(split.val) + unseen
+    line = re.search(r"preprocessing: (\d+) of (\d+) case\(s\) written .*trials read (\S+)", done.stdout)
+    assert line, done.stdout[-3000:]
+    assert (int(line[1]), int(line[2])) == (cases, cases)
+    folder = Path(line[3])
+    assert folder.parent == storage / "cache"
+    files = {p: p.stat().st_mtime_ns for p in (storage / "cache").rglob("*") if p.is_file()}
+    assert sorted(p.name for p in files) == sorted(p.name for p in folder.iterdir())  # nothing else in the cache
+    assert len(files) == cases and all(p.suffix == ".pt" for p in files), sorted(files)
+    starts = [json.loads(line).get("trial_start_unix") for result in study.glob("trial_*/result.json")
+              for line in result.read_text().splitlines() if line.strip()]
+    starts = [s for s in starts if s is not None]
+    assert len(set(starts)) >= len(smoke_study["rows"])  # a start of every trial
+    first_trial = min(starts)
+    late = {p.name: m / 1e9 - first_trial for p, m in files.items() if m / 1e9 >= first_trial}
+    assert not late, f"cache files written after the first trial started (s after): {late}"
+    # every trial's cross-site evaluation took each image (source validation and unseen) from that cache
+    # (per evaluated trial: its selection part oracle_summary.json + its report part summary.json)
+    evaluated = {p.parent for p in storage.rglob("oracle_summary.json")}
+    assert evaluated, sorted(str(p) for p in storage.rglob("*summary.json"))
+    for folder in evaluated:
+        hits = sum(json.loads((folder / name).read_text())["settings"]["preprocessed_from_cache"]
+                   for name in ("summary.json", "oracle_summary.json"))
+        assert hits == len(split.val) + unseen, folder
 
 
 @pytest.mark.slow
