@@ -80,9 +80,10 @@ def intensity_rows(sites: Mapping[str, Mapping[str, Any]], source: str, nnunet: 
         below_nn, below_nn_text = share_below(pct, clip_lo)
         above_nn, _ = share_below(pct, clip_hi)
         below_ours, below_ours_text = share_below(pct, w_lo)
+        z5, z50, z95 = ((min(max(float(pct[k]), clip_lo), clip_hi) - mean) / std for k in ("p5", "p50", "p95"))
         rows.append({
             "site": site, "source": site == source, "p5": float(pct["p5"]), "p50": median, "p95": float(pct["p95"]),
-            "nnunet_z_median": (min(max(median, clip_lo), clip_hi) - mean) / std,
+            "nnunet_z": (z5, z50, z95), "nnunet_z_median": z50,
             "nnunet_clipped_low": below_nn, "nnunet_clipped_low_text": below_nn_text,
             "nnunet_clipped_high": 1.0 - above_nn,
             "ours_median": (min(max(median, w_lo), w_hi) - w_lo) / (w_hi - w_lo),
@@ -100,15 +101,12 @@ def intensity_section(rows: Sequence[Mapping[str, Any]], nnunet: Mapping[str, fl
     mean, std = float(nnunet["mean"]), float(nnunet["std"])
     nn_reach = brightness_reach(src["p50"], mean)
     our_reach = brightness_reach(src["p50"], float(hu_window[0]))
-    def z(hu: float) -> float:
-        return (min(max(hu, float(nnunet["percentile_00_5"])), float(nnunet["percentile_99_5"])) - mean) / std
-
     table = Table(
         ["site", "pancreas HU p5 / p50 / p95", "nnU-Net z p5 / p50 / p95", "below nnU-Net's clip floor",
          "dualssl [0,1] of median", "below dualssl's window", "median inside the source's p5-p95",
          "median within brightness reach (nnU-Net / dualssl)"],
         [[r["site"] + (" (source)" if r["source"] else ""), f"{r['p5']:.0f} / {r['p50']:.0f} / {r['p95']:.0f}",
-          f"{z(r['p5']):+.2f} / {z(r['p50']):+.2f} / {z(r['p95']):+.2f}", r["nnunet_clipped_low_text"],
+          " / ".join(f"{z:+.2f}" for z in r["nnunet_z"]), r["nnunet_clipped_low_text"],
           f"{r['ours_median']:.2f}", r["ours_clipped_low_text"],
           "yes" if src["p5"] <= r["p50"] <= src["p95"] else "NO",
           f"{'yes' if r['nnunet_reached'] else 'no'} / {'yes' if r['ours_reached'] else 'no'}"]
