@@ -30,11 +30,13 @@ DomainAug = Literal["none", "bigaug", "randconv", "gin"]
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 RecLoss = Literal["l1", "mse"]
 ValidationMetric = Literal["val_dice", "val_dice_patch"]
+OptimizerName = Literal["adam", "sgd"]
 
 DOMAIN_AUGS: tuple[str, ...] = typing.get_args(DomainAug)
 AMP_MODES: tuple[str, ...] = typing.get_args(AmpMode)
 REC_LOSSES: tuple[str, ...] = typing.get_args(RecLoss)
 VALIDATION_METRICS: tuple[str, ...] = typing.get_args(ValidationMetric)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 """The metrics ``Trainer.validate`` reports each epoch (``dualssl.engine.fit``): ``val_dice`` = Dice of
 whole source-validation volumes, ``val_dice_patch`` = Dice on source-validation patches. Only these
 can be ``eval.selection_metric`` or ``eval.cheap_metric``."""
@@ -110,8 +112,14 @@ class ModelConfig:
     dropout: float = 0.1
     embed_dim: int = 32
     """Channels of the L2-normalised projection embeddings on the bottleneck."""
+    deep_supervision: bool = False
+    """Also score segmentation logits at 1/2 and 1/4 resolution during training (nnU-Net's deep
+    supervision: weights 1, 1/2, 1/4 normalised; labels downsampled nearest). Extra 1x1x1 heads
+    train only; inference and export use the full-resolution head alone."""
 
     def validate(self) -> None:
+        _check(isinstance(self.deep_supervision, bool), "model.deep_supervision",
+               f"must be true or false, got {self.deep_supervision!r}")
         _check(self.in_channels >= 1, "model.in_channels", "must be >= 1")
         _check(self.num_classes >= 2, "model.num_classes", "must be >= 2 (softmax over background + classes)")
         _check(len(self.widths) == 4, "model.widths", "give four encoder widths, e.g. 8,16,32,64")
@@ -177,8 +185,13 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with poly learning-rate decay; AMP on CUDA."""
+    """Adam (or nnU-Net's SGD with Nesterov momentum) with poly learning-rate decay; AMP on CUDA."""
 
+    optimizer: OptimizerName = "adam"
+    """'adam' (L2 ``weight_decay``) or 'sgd' (Nesterov, ``momentum``; nnU-Net v2's: lr 1e-2, momentum
+    0.99, weight decay 3e-5)."""
+    momentum: float = 0.99
+    """SGD's Nesterov momentum (unused by Adam)."""
     lr: float = 1e-4
     weight_decay: float = 5e-4
     poly_power: float = 0.9
@@ -199,6 +212,9 @@ class OptimConfig:
     backend; the first steps pay the compilation (``benchmarks/step_cost.py --compile`` measures it)."""
 
     def validate(self) -> None:
+        _check(self.optimizer in OPTIMIZERS, "optim.optimizer", f"choose one of {', '.join(OPTIMIZERS)}, "
+               f"got {self.optimizer!r}")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must lie in [0, 1)")
         _check(self.lr > 0, "optim.lr", "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.poly_power >= 0, "optim.poly_power", "must be >= 0")

@@ -13,7 +13,8 @@ on top of ``Config()`` defaults. Three kinds live here:
   standard augmentation and selection; only the keys the arm names differ, :func:`arm_differences`):
   ``plain``, ``contrastive``, ``restoration``, ``dual`` and the domain-generalisation baselines
   ``bigaug``, ``randconv`` and ``gin`` (plain loss + that augmentation on top of the standard one;
-  see ``dualssl/data/augment/``).
+  see ``dualssl/data/augment/``); ``plain-sgd-ds`` and ``dual-sgd-ds`` train with nnU-Net's recipe
+  (:data:`NNUNET_TRAINING`).
 * user recipes: a YAML file ``{name: {dotted.key: value, ...}}`` read by :func:`load_recipes`.
 
     >>> cfg = apply_recipe(Config(), "demo", "dual")
@@ -70,6 +71,16 @@ ARMS: dict[str, Recipe] = {
     "randconv": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "data.domain_aug": "randconv"},
     "gin": {"loss.lambda_con": 0.0, "loss.lambda_rec": 0.0, "data.domain_aug": "gin"},
 }
+
+NNUNET_TRAINING: Recipe = {
+    "optim.optimizer": "sgd", "optim.momentum": 0.99, "optim.lr": 1e-2, "optim.weight_decay": 3e-5,
+    "model.deep_supervision": True,
+}
+"""nnU-Net v2's training recipe on our network: SGD with Nesterov momentum 0.99, lr 1e-2 with poly
+decay, weight decay 3e-5, deep supervision at 1/2 and 1/4 (its augmentation is already our standard
+one). The ``*-sgd-ds`` arms are an arm with it on top."""
+
+ARMS.update({f"{arm}-sgd-ds": {**ARMS[arm], **NNUNET_TRAINING} for arm in ("plain", "dual")})
 
 PEER_ARMS: dict[str, Recipe] = {
     # nnU-Net v2 itself on each cell's split (dualssl/peers/nnunet.py): its default trainer, and

@@ -153,7 +153,11 @@ class Trainer:
 
     def configure_optimizers(self, model: nn.Module):
         opt = self.cfg.optim
-        optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        if opt.optimizer == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, nesterov=True,
+                                        weight_decay=opt.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=opt.epochs, power=opt.poly_power)
         return optimizer, scheduler
 
@@ -202,7 +206,8 @@ class Trainer:
         image = batch["image"].to(self.device, non_blocking=True).float()
         label = batch["label"].to(self.device, non_blocking=True)
         with self.autocast():
-            outputs = self.model(image, embeddings=loss_cfg.contrastive_on)
+            outputs = self.model(image, embeddings=loss_cfg.contrastive_on,
+                                 deep_supervision=self.cfg.model.deep_supervision)
         outputs = {k: v.float() for k, v in outputs.items() if v is not None}
         corrupted = self.criterion.corrupt(image, label, probs=self.band_probs(outputs))
         rec_outputs = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dualssl.config import LossConfig
@@ -88,10 +89,28 @@ class DualSSLLoss(nn.Module):
                               probs=probs if self.cfg.entropy_widen else None,
                               entropy_threshold=self.cfg.entropy_threshold, backend=self.backend)
 
+    def segmentation(self, outputs: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """Dice+CE of ``logits``; with deep supervision (``logits_half`` and ``logits_quarter`` present)
+        nnU-Net's weighting: ``(L_1 + L_1/2 / 2 + L_1/4 / 4) / 1.75``, each against the label resized
+        (nearest) to that output's grid."""
+        levels = [(outputs["logits"], 1.0)]
+        if "logits_half" in outputs or "logits_quarter" in outputs:
+            if not ("logits_half" in outputs and "logits_quarter" in outputs):
+                raise ValueError("deep supervision needs both 'logits_half' and 'logits_quarter' in outputs")
+            levels += [(outputs["logits_half"], 0.5), (outputs["logits_quarter"], 0.25)]
+        total = sum(w for _, w in levels)
+        seg = torch.zeros((), device=label.device)
+        for logits, weight in levels:
+            target = label if logits.shape[2:] == label.shape[2:] else \
+                F.interpolate(label.float(), size=logits.shape[2:], mode="nearest-exact").to(label.dtype)
+            seg = seg + (weight / total) * self.seg(logits.float(), target)
+        return seg
+
     def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor,
                 rec_outputs: dict[str, torch.Tensor] | None = None,
                 corrupted: Corrupted | None = None) -> dict[str, torch.Tensor]:
-        """``dict(loss, seg, con, rec)``: the total and its unweighted parts.
+        """``dict(loss, seg, con, rec)``: the total and its unweighted parts (``seg`` over the deep-
+        supervision levels when ``outputs`` has them, :meth:`segmentation`).
 
         ``outputs``: the forward of the clean patch (``logits``, plus ``embeddings`` when the
         contrastive branch is on); ``rec_outputs``: the forward of ``corrupted.image`` with
@@ -105,7 +124,7 @@ class DualSSLLoss(nn.Module):
             raise ValueError(f"label must be (B, 1, X, Y, Z) matching logits {list(logits.shape)}, "
                              f"got {list(label.shape)}")
         zero = torch.zeros((), device=logits.device)
-        seg = self.seg(logits.float(), label)
+        seg = self.segmentation(outputs, label)
         total, con, rec = seg, zero, zero
         if self.cfg.contrastive_on:
             if "embeddings" not in outputs:

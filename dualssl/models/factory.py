@@ -22,22 +22,34 @@ class DualSSLNet(nn.Module):
 
     * ``logits``: ``(B, K, X, Y, Z)``, always;
     * ``embeddings``: ``(B, E, X/8, Y/8, Z/8)``, L2-normalised over E, only when ``embeddings=True``;
-    * ``restored``: ``(B, C_in, X, Y, Z)`` in [0, 1], only when ``restoration=True``.
+    * ``restored``: ``(B, C_in, X, Y, Z)`` in [0, 1], only when ``restoration=True``;
+    * ``logits_half``, ``logits_quarter``: ``(B, K, X/2, Y/2, Z/2)`` and ``(B, K, X/4, Y/4, Z/4)``, only
+      when ``deep_supervision=True`` (needs ``ds_heads``, built with ``model.deep_supervision``).
 
     Heads not asked for are not run (no compute, no graph).
     """
 
     def __init__(self, backbone: ResidualUNet3D, seg_head: SegmentationHead,
-                 proj_head: ProjectionHead, rec_head: RestorationHead) -> None:
+                 proj_head: ProjectionHead, rec_head: RestorationHead,
+                 ds_heads: nn.ModuleList | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.seg_head = seg_head
         self.proj_head = proj_head
         self.rec_head = rec_head
+        self.ds_heads = ds_heads if ds_heads is not None else nn.ModuleList()
 
-    def forward(self, x: Tensor, *, embeddings: bool = False, restoration: bool = False) -> dict[str, Tensor]:
-        bottleneck, features = self.backbone(x)
+    def forward(self, x: Tensor, *, embeddings: bool = False, restoration: bool = False,
+                deep_supervision: bool = False) -> dict[str, Tensor]:
+        if deep_supervision and len(self.ds_heads) != 2:
+            raise ValueError("deep_supervision=True but the net has no deep-supervision heads: build it "
+                             "with model.deep_supervision=true")
+        bottleneck, pyramid = self.backbone.decode(x)
+        features = pyramid[0]
         out = {"logits": self.seg_head(features)}
+        if deep_supervision:
+            out["logits_half"] = self.ds_heads[0](pyramid[1])
+            out["logits_quarter"] = self.ds_heads[1](pyramid[2])
         if embeddings:
             out["embeddings"] = self.proj_head(bottleneck)
         if restoration:
@@ -68,10 +80,13 @@ def build_model(cfg: ModelConfig) -> DualSSLNet:
     cfg.validate()
     backbone = ResidualUNet3D(cfg.in_channels, cfg.widths, norm_groups=cfg.norm_groups,
                               last_dilation=cfg.last_dilation, dropout=cfg.dropout)
-    w0, w3 = backbone.widths[0], backbone.widths[3]
+    w0, w1, w3 = backbone.widths[0], backbone.widths[1], backbone.widths[3]
+    ds_heads = (nn.ModuleList([SegmentationHead(w0, cfg.num_classes), SegmentationHead(w1, cfg.num_classes)])
+                if cfg.deep_supervision else None)
     return DualSSLNet(
         backbone,
         SegmentationHead(w0, cfg.num_classes),
         ProjectionHead(w3, cfg.embed_dim),
         RestorationHead(w0, cfg.in_channels),
+        ds_heads,
     )

@@ -123,6 +123,12 @@ class ResidualUNet3D(nn.Module):
         self.dec0 = PreActResBlock(w0, w0, g)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bottleneck, pyramid = self.decode(x)
+        return bottleneck, pyramid[0]
+
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(bottleneck, [dec0 (B, w0, X, Y, Z), dec1 (B, w0, X/2, Y/2, Z/2), dec2 (B, w1, X/4, Y/4, Z/4)])``:
+        the decoder's outputs from full resolution down (deep supervision reads the coarser two)."""
         if x.dim() != 5:
             raise ValueError(f"expected input (B, C, X, Y, Z), got shape {list(x.shape)}")
         if x.shape[2] % 8 != 0 or x.shape[3] % 8 != 0 or x.shape[4] % 8 != 0:
@@ -133,7 +139,7 @@ class ResidualUNet3D(nn.Module):
         skip2 = self.enc2(self.down2(skip1))
         bottleneck = self.dilated(self.enc3(self.down3(skip2)))
         h = self.fusion(bottleneck)
-        h = self.dec2(upsample_nearest2x(h) + skip2)
-        h = self.dec1(upsample_nearest2x(h) + skip1)
-        h = self.dec0(upsample_nearest2x(h) + skip0)
-        return bottleneck, h
+        quarter = self.dec2(upsample_nearest2x(h) + skip2)
+        half = self.dec1(upsample_nearest2x(quarter) + skip1)
+        full = self.dec0(upsample_nearest2x(half) + skip0)
+        return bottleneck, [full, half, quarter]
