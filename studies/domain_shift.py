@@ -49,6 +49,7 @@ if __package__ in (None, ""):  # `python studies/domain_shift.py`: make `studies
 
 from dualssl.config import Config, ConfigError  # noqa: E402
 from dualssl.recipes import ARMS, PEER_ARMS, apply_recipe  # noqa: E402
+from studies.preflight import claim_storage, storage_owner_problem  # noqa: E402
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.shift_arms import arm_table, best_loss_weights, describe_arms  # noqa: E402,F401
 from studies.shift_budgets import (add_budget_flags, arm_param, budget_problems,  # noqa: E402
@@ -181,6 +182,7 @@ def prepare(args: argparse.Namespace) -> Plan:
                         f"of the working dir), e.g. {DEFAULT_STORAGE}")
     study_dir = Path(args.study_dir or (Path(storage) / experiment if "://" not in storage
                                         else DEFAULT_STORAGE / experiment)).expanduser().resolve()
+    problems.extend(p for p in [storage_owner_problem(storage, experiment, study_dir)] if p)
     cfg = arms = seeds = sweeps = None
     sources_of_arms: dict[str, str] = {}
     for step in ("cfg", "arms", "seeds", "sweeps"):
@@ -265,6 +267,7 @@ def run_study(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
     started = time.time()
     plan.study_dir.mkdir(parents=True, exist_ok=True)
+    claim_storage(plan.storage, plan.experiment, plan.study_dir)
     cfg = plan.cfg
     # 2. Data: the given dataset or a phantom (with its severity sweep) made once in the study folder.
     cfg.data.root = str(ensure_data(args, plan))

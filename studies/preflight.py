@@ -226,6 +226,40 @@ def _data_problems(args: argparse.Namespace, cfg: Config, notes: list[str]) -> l
     return out
 
 
+OWNER_FILE = "dualssl_study_dir.txt"
+"""Written into ``<storage>/<experiment>`` (Ray Tune's folder: trials, checkpoints, the Tuner's state) by
+the study that uses it, naming that study's folder."""
+
+
+def storage_owner_problem(storage: str, experiment: str, study_dir: Path) -> str | None:
+    """Why ``study_dir`` must not use ``<storage>/<experiment>``: another study's Tune folder (a second study
+    there would overwrite its Tuner state, so ``--resume`` would restore the wrong study); None if free.
+
+    Two studies collide there when they share ``--storage-path`` and ``--experiment-name`` but not
+    ``--study-dir``. Remote storage (``s3://``...) is not checked.
+    """
+    if is_uri(storage):
+        return None
+    marker = Path(storage) / experiment / OWNER_FILE
+    if not marker.is_file():
+        return None
+    owner = Path(marker.read_text().strip())
+    if owner == study_dir:
+        return None
+    return (f"--study-dir {study_dir}: the Ray Tune folder {marker.parent} (trials, checkpoints, Tuner state) "
+            f"belongs to the study in {owner}; give this study its own --experiment-name or --storage-path, "
+            f"or pass --study-dir {owner} to continue that study")
+
+
+def claim_storage(storage: str, experiment: str, study_dir: Path) -> None:
+    """Mark ``<storage>/<experiment>`` as ``study_dir``'s (see :func:`storage_owner_problem`)."""
+    if is_uri(storage):
+        return
+    folder = Path(storage) / experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OWNER_FILE).write_text(str(study_dir))
+
+
 def prepare(args: argparse.Namespace) -> StudyPlan:
     """Check flags, config, search space and data on the driver; raises :class:`StudyError`
     naming every problem. Starts nothing and writes nothing."""
@@ -242,6 +276,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                         "source-validation numbers; rank on the unseen sites with one objective only")
     try:
         storage, study_dir, experiment = resolve_paths(args)
+        problems.extend(p for p in [storage_owner_problem(storage, experiment, study_dir)] if p)
     except ConfigError as exc:
         problems.append(str(exc))
     try:

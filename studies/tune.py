@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # `python studies/tune.py`: make `studies` import
 
 from dualssl.config import Config, ConfigError  # noqa: E402
 from studies.preflight import (DEFAULT_STORAGE, PHANTOM_SITES, StudyError, StudyPlan, base_config,  # noqa: E402,F401
-                               build_parser, console_defaults, is_uri, phantom_cases_per_site, phantom_sites,
+                               build_parser, claim_storage, console_defaults, is_uri, phantom_cases_per_site, phantom_sites,
                                prepare, resolve_paths, set_keys, stability_problem)
 from studies.resources import ResourceError, StudyResources, check_resources  # noqa: E402
 from studies.asha import ASHA_STATE  # noqa: E402,F401
@@ -214,6 +214,7 @@ def run_study(args: argparse.Namespace, plan: StudyPlan | None = None) -> dict[s
         print(f"[study] {note}", flush=True)
     storage, study_dir, experiment, cfg, search = plan.storage, plan.study_dir, plan.experiment, plan.cfg, plan.search
     study_dir.mkdir(parents=True, exist_ok=True)
+    claim_storage(storage, experiment, study_dir)
     num_samples = args.num_samples or (2 if args.smoke_test else 4)
     metric, mode = searcher_metrics(plan.objectives)
     optuna_store, optuna_spec, optuna_study = optuna_study_for(

@@ -217,6 +217,19 @@ def test_a_failed_cell_is_named_in_the_report_and_on_the_mlflow_parent(smoke_stu
 
 @pytest.mark.slow
 @pytest.mark.timeout(1600)
+def test_a_second_study_dir_in_the_smoke_studys_tune_folder_is_refused(smoke_study, phantom_root, tmp_path):
+    """The smoke study claimed its Ray Tune folder; another --study-dir with the same storage and
+    experiment name would have overwritten its Tuner state (a wrong --resume later): refused at once."""
+    _, folder = smoke_study
+    other = tmp_path / "other-study"
+    done = subprocess.run([sys.executable, str(REPO / "studies" / "domain_shift.py"), "--smoke-test",
+                           "--data", str(phantom_root), "--storage-path", str(folder.parent), "--study-dir", str(other)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"belongs to the study in {folder}" in done.stderr and "--experiment-name" in done.stderr
+    assert not other.exists()
+
+
 def test_the_smoke_study_prints_a_short_readable_terminal(smoke_study):
     done, study = smoke_study
     printed = done.stdout + done.stderr
