@@ -152,14 +152,9 @@ class Trainer:
         return DualSSLLoss(self.cfg.loss, spacing=self.cfg.data.spacing)
 
     def configure_optimizers(self, model: nn.Module):
-        opt = self.cfg.optim
-        if opt.optimizer == "sgd":
-            optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, nesterov=True,
-                                        weight_decay=opt.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=opt.epochs, power=opt.poly_power)
-        return optimizer, scheduler
+        from dualssl.engine.optim import build_optimizer
+
+        return build_optimizer(self.cfg.optim, model.parameters())
 
     def setup(self) -> None:
         """Seed, then build data, model (``torch.compile``d for training with ``optim.compile``), loss,
