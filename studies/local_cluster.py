@@ -22,6 +22,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,7 +54,19 @@ def study_cluster(address: str | None) -> Iterator[str | None]:
         yield address
         return
     with local_cluster() as private:
-        yield private
+        try:
+            yield private
+        finally:
+            _disconnect_driver()
+
+
+def _disconnect_driver() -> None:
+    """``ray.shutdown()`` of this process, before its private head stops: a driver still connected when
+    its raylet dies is ended by Ray at once (its buffered output, e.g. the study's last lines, is lost
+    and the exit code is not the study's)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def reserve_auth() -> dict[str, str]:

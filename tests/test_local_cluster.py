@@ -26,10 +26,11 @@ SCRIPT = textwrap.dedent("""
 
     with study_cluster(None) as address:
         ray.init(address=address, log_to_driver=False)
-        try:
-            print("FOUND", ray.get(where.remote(), timeout=120))
-        finally:
-            ray.shutdown()
+        print("FOUND", ray.get(where.remote(), timeout=120))
+    # still connected when the block ends (as studies/domain_shift.py's driver was): study_cluster must
+    # disconnect it before the head stops, else Ray ends this process at once and these lines are lost
+    print("CONNECTED AFTER", ray.is_initialized())
+    print("ALIVE")
 """)
 
 
@@ -44,3 +45,4 @@ def test_workers_of_a_private_head_import_studies_when_run_from_another_folder(t
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     found = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("FOUND ")]
     assert found and found[0].startswith(str(REPO / "studies")), done.stdout[-2000:]
+    assert "CONNECTED AFTER False" in done.stdout and "ALIVE" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
