@@ -36,10 +36,10 @@ DOMAIN_AUGS: tuple[str, ...] = typing.get_args(DomainAug)
 AMP_MODES: tuple[str, ...] = typing.get_args(AmpMode)
 REC_LOSSES: tuple[str, ...] = typing.get_args(RecLoss)
 VALIDATION_METRICS: tuple[str, ...] = typing.get_args(ValidationMetric)
-OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 """The metrics ``Trainer.validate`` reports each epoch (``dualssl.engine.fit``): ``val_dice`` = Dice of
 whole source-validation volumes, ``val_dice_patch`` = Dice on source-validation patches. Only these
 can be ``eval.selection_metric`` or ``eval.cheap_metric``."""
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 
 
 class ConfigError(ValueError):

@@ -36,17 +36,9 @@ COMPARED_CASE_KEYS = ("case_id", "site", "spacing", "shape", "orientation", "dty
 """Fingerprint fields that must agree case by case (the image path differs from study to study)."""
 
 
-def _number(text: str) -> Any:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
-
-
 def read_study(folder: Path) -> dict[str, Any]:
-    """A finished study's files: ``manifest`` (study.json), ``cases`` (rows), ``cells`` (rows, numbers
-    parsed) and ``fingerprint`` (its per-case list without paths)."""
+    """A finished study's files: ``manifest`` (study.json), ``cases`` (rows), ``cells`` (rows as
+    text) and ``fingerprint`` (its per-case list without paths)."""
     from dualssl.stats import read_cases
 
     needed = {name: folder / name for name in ("study.json", "cases.csv", "cells.csv")}
@@ -58,7 +50,7 @@ def read_study(folder: Path) -> dict[str, Any]:
     if not fp_path.is_file():
         raise ConfigError(f"{fp_path}: missing; the study predates fingerprints: its data cannot be checked")
     with needed["cells.csv"].open(newline="") as fh:
-        cells = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        cells = list(csv.DictReader(fh))  # the report's budget section parses its numbers
     fingerprint = sorted(({k: c.get(k) for k in COMPARED_CASE_KEYS}
                           for c in json.loads(fp_path.read_text())["cases"]), key=lambda c: str(c["case_id"]))
     return {"folder": folder, "manifest": json.loads(needed["study.json"].read_text()),

@@ -182,7 +182,8 @@ def prepare(args: argparse.Namespace) -> Plan:
                         f"of the working dir), e.g. {DEFAULT_STORAGE}")
     study_dir = Path(args.study_dir or (Path(storage) / experiment if "://" not in storage
                                         else DEFAULT_STORAGE / experiment)).expanduser().resolve()
-    problems.extend(p for p in [storage_owner_problem(storage, experiment, study_dir)] if p)
+    if owned := storage_owner_problem(storage, experiment, study_dir):
+        problems.append(owned)
     cfg = arms = seeds = sweeps = None
     sources_of_arms: dict[str, str] = {}
     for step in ("cfg", "arms", "seeds", "sweeps"):

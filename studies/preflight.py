@@ -276,7 +276,8 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                         "source-validation numbers; rank on the unseen sites with one objective only")
     try:
         storage, study_dir, experiment = resolve_paths(args)
-        problems.extend(p for p in [storage_owner_problem(storage, experiment, study_dir)] if p)
+        if owned := storage_owner_problem(storage, experiment, study_dir):
+            problems.append(owned)
     except ConfigError as exc:
         problems.append(str(exc))
     try:

@@ -345,12 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     console_defaults(args.verbose)
     try:
         plan = prepare(args)  # every problem at once, before a Ray head, a phantom or MLflow exist
-        with study_cluster(args.address) as address:
+        with study_cluster(args.address) as address:  # disconnects this driver before a private head stops
             args.address = address
-            try:
-                summary = run_study(args, plan)
-            finally:
-                _disconnect()
+            summary = run_study(args, plan)
     except (ConfigError, ResourceError) as exc:
         print(f"studies/tune.py: error: {exc}", file=sys.stderr)
         return 2
